@@ -1,0 +1,66 @@
+"""Pytree linear algebra used by the solvers (private).
+
+Every function treats a pytree of arrays as one flat vector. Inner products
+accumulate in the leaves' dtype at the highest matmul precision, so float64
+runs are exact to rounding and float32 runs are not silently downgraded to
+bfloat16 on accelerators.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+tree_map = jax.tree_util.tree_map
+
+
+def vdot(x, y):
+    """Σ over leaves of ⟨x_leaf, y_leaf⟩ (a scalar)."""
+    leaves = jax.tree_util.tree_leaves(
+        tree_map(lambda a, b: jnp.vdot(a, b, precision=jax.lax.Precision.HIGHEST), x, y)
+    )
+    return functools.reduce(jnp.add, leaves, jnp.zeros((), _result_dtype(x)))
+
+
+def norm(x):
+    """Euclidean norm of the flattened pytree."""
+    return jnp.sqrt(vdot(x, x))
+
+
+def add(x, y):
+    return tree_map(jnp.add, x, y)
+
+
+def sub(x, y):
+    return tree_map(jnp.subtract, x, y)
+
+
+def scale(alpha, x):
+    """alpha * x, keeping each leaf's dtype."""
+    return tree_map(lambda a: (alpha * a).astype(a.dtype), x)
+
+
+def axpy(alpha, x, y):
+    """alpha * x + y, keeping each leaf's dtype."""
+    return tree_map(lambda a, b: (alpha * a + b).astype(b.dtype), x, y)
+
+
+def zeros_like(x):
+    return tree_map(jnp.zeros_like, x)
+
+
+def where(cond, x, y):
+    """Select whole pytrees by a scalar predicate (vmap turns it per-example)."""
+    return tree_map(lambda a, b: jnp.where(cond, a, b), x, y)
+
+
+def all_finite(x):
+    leaves = [jnp.all(jnp.isfinite(a)) for a in jax.tree_util.tree_leaves(x)]
+    return functools.reduce(jnp.logical_and, leaves, jnp.array(True))
+
+
+def _result_dtype(x):
+    leaves = jax.tree_util.tree_leaves(x)
+    return jnp.result_type(*leaves) if leaves else jnp.float32

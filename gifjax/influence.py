@@ -1,0 +1,319 @@
+r"""Influence estimators IF / PIF / FIF / GIF and influence scores.
+
+This is the one place where curvature operators, masks and solvers meet.
+For a gradient ``g`` (of the loss of the data to remove, scaled as you wish)
+and H_λ = ∇²loss_fn(params, \*args) + λI, with P the element mask of target
+parameters:
+
+======  ==========================================  ===========================
+method  parameter change Δ                          solved as
+======  ==========================================  ===========================
+``if``  Δ = H_λ⁻¹ g (all parameters)                 symmetric  H_λ x = g
+``pif`` Δ = P H_λ⁻¹ g (projected IF)                 symmetric, then masked
+``fif`` Δ_t = [H_λ]_tt⁻¹ g_t (freeze θ_f)            symmetric  P H_λ P x = P g
+``gif`` Δ = argmin_{x = Px} ‖H_λ x − g‖₂ (Lyu+ 24)   least squares, A = H_λ P
+======  ==========================================  ===========================
+
+GIF keeps the linearised stationarity condition of *all* parameters
+satisfied in least squares while moving only θ_t; its normal equations are
+[H_λ²]_tt x = [H_λ g]_t, positive semi-definite even where H is indefinite.
+With an all-true mask and invertible H_λ the four coincide.
+
+Sign convention (Koh & Liang 2017): Δ is the parameter change that *removes*
+the data behind ``g`` (for one example z of n, g = ∇ℓ(z)/n gives the
+leave-one-out change θ̂₋z − θ̂ ≈ Δ). Influence scores use the *upweighting*
+sign,
+
+    I[i, j] = −∇ℓ(test_j)ᵀ Δ(∇ℓ(train_i)),
+
+so removing training point i changes test loss j by ≈ −I[i, j] / n.
+Scores need one solve per *test* point: ∇ℓ(test)ᵀ Δ(g) = sᵀ g with s the
+adjoint solve (H_λ⁻¹ P∇ for PIF; the min-norm solution of P H_λ s = P∇ for
+GIF, because (H_λ P)⁺ᵀ = (P H_λ)⁺).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from . import _checks, _tree
+from . import curvature as _curv
+from . import masks as _masks
+from . import solvers as _solvers
+
+METHODS = ("if", "pif", "fif", "gif")
+tree_map = jax.tree_util.tree_map
+
+
+class Influence(NamedTuple):
+    """Result of :func:`influence`.
+
+    Attributes:
+      delta: parameter change Δ, a pytree like ``params``; exactly zero
+        outside the mask for pif / fif / gif.
+      solution: the solver's :class:`gifjax.solvers.Solution` (its ``value``
+        is the unmasked solve; for pif that is the full IF update).
+
+    ``converged``, ``failure``, ``num_hvps``, ``num_steps`` and
+    ``residual_norm`` forward to ``solution``.
+    """
+
+    delta: Any
+    solution: _solvers.Solution
+
+    converged = property(lambda self: self.solution.converged)
+    failure = property(lambda self: self.solution.failure)
+    num_hvps = property(lambda self: self.solution.num_matvecs)
+    num_steps = property(lambda self: self.solution.num_steps)
+    residual_norm = property(lambda self: self.solution.residual_norm)
+
+
+class _Problem(NamedTuple):
+    matvec: Callable
+    rmatvec: Callable | None
+    form: str
+    rhs: Callable       # g ↦ right-hand side
+    post: Callable      # solver value ↦ Δ (or adjoint s)
+
+
+def _problem(method: str, H: Callable, mask, *, adjoint: bool) -> _Problem:
+    """The linear problem behind ``method``; ``adjoint`` gives the scores' system."""
+    P = lambda v: _masks.apply(mask, v)
+    ident = lambda v: v
+    if method == "if":
+        return _Problem(H, None, "symmetric", ident, ident)
+    if method == "pif":
+        return (_Problem(H, None, "symmetric", P, ident) if adjoint
+                else _Problem(H, None, "symmetric", ident, P))
+    PHP = lambda v, **kw: P(H(P(v), **kw))
+    if method == "fif":
+        return _Problem(PHP, None, "symmetric", P, P)
+    HP = lambda v, **kw: H(P(v), **kw)
+    PH = lambda v, **kw: P(H(v, **kw))
+    if adjoint:  # (H P)⁺ᵀ = (P H)⁺: min ‖s‖ s.t. P H s = P ∇
+        return _Problem(PH, HP, "min_norm", P, ident)
+    return _Problem(HP, PH, "least_squares", ident, P)
+
+
+def _resolve_solver(solver, method: str, fn: str) -> _solvers.Solver:
+    if isinstance(solver, str) and solver == "auto":
+        return _solvers.LSTSQ() if method == "gif" else _solvers.CG()
+    return _solvers.get_solver(solver, fn=fn)
+
+
+def hessian_operator(loss_fn: Callable, params, *args, damping=0.0, chunk_size: int | None = None,
+                     sample_size: int | None = None):
+    """The curvature operator ``v ↦ (H + λI) v`` used by the estimators.
+
+    Linearised once at ``params`` (:func:`gifjax.linearize_hvp`), or, with
+    ``chunk_size``, averaged over fixed-size chunks of ``args``
+    (:func:`gifjax.batched_hvp`). With ``sample_size`` the operator also
+    accepts ``key=``: ``op(v, key=k)`` uses a random minibatch of that many
+    examples of ``args`` (stochastic LiSSA); ``op(v)`` stays the full one.
+    """
+    if chunk_size is not None:
+        full = _curv.batched_hvp_fn(loss_fn, params, *args, chunk_size=chunk_size, damping=damping)
+    else:
+        full = _curv.linearize_hvp(loss_fn, params, *args, damping=damping)
+    if sample_size is None:
+        return full
+    n = _curv.batch_size_of("hessian_operator", args)
+
+    def op(v, key=None):
+        if key is None:
+            return full(v)
+        idx = jax.random.choice(key, n, (min(sample_size, n),), replace=False)
+        sub = tree_map(lambda a: a[idx], args)
+        return _curv.hvp(loss_fn, params, v, *sub, damping=damping)
+
+    return op
+
+
+def _setup(fn, loss_fn, params, args, mask, method, solver, damping, chunk_size):
+    _checks.check_choice(fn, "method", method, METHODS)
+    _checks.check_nonnegative(fn, "damping", damping)
+    solver = _resolve_solver(solver, method, fn)
+    mask = None if mask is None else _masks.validate(mask, params, fn=fn)
+    if mask is None and method != "if":
+        mask = _masks.full_mask(params)
+    sample = solver.batch_size if isinstance(solver, _solvers.LiSSA) else None
+    H = hessian_operator(loss_fn, params, *args, damping=damping, chunk_size=chunk_size,
+                         sample_size=sample)
+    return solver, mask, H
+
+
+def influence(loss_fn: Callable, params, g, *args, mask=None, method: str = "gif",
+              solver="auto", damping=0.0, chunk_size: int | None = None) -> Influence:
+    r"""Parameter change Δ that removes the data behind ``g`` (IF / PIF / FIF / GIF).
+
+    Args:
+      loss_fn: ``loss_fn(params, *args) -> scalar``, the training objective
+        whose Hessian H is used (mean loss, plus any regulariser).
+      params: trained parameters θ̂ (any pytree).
+      g: pytree like ``params`` (traced); e.g. for removing a group U of m
+        of n examples with H on the remaining data, g = m/(n − m) · ∇ mean_U ℓ.
+      *args: data for ``loss_fn``.
+      mask: boolean element mask like ``params`` (traced), or ``None`` for
+        all parameters; ignored (but validated) by ``method="if"``.
+      method: ``"if"``, ``"pif"``, ``"fif"`` or ``"gif"`` (static).
+      solver: ``"auto"`` (CG for if/pif/fif, LSTSQ for gif), a name from
+        ``gifjax.solvers.SOLVERS``, or a configured value such as
+        ``gifjax.solvers.CG(rtol=1e-8, max_steps=500)``.
+      damping: λ ≥ 0 (traced), H → H + λI.
+      chunk_size: if set (static), HVPs average over chunks of that many
+        examples of ``args`` (all leaves batched), bounding memory.
+
+    Returns:
+      :class:`Influence` with ``delta`` and the solver's diagnostics.
+
+    Example:
+      >>> import jax.numpy as jnp, gifjax
+      >>> X = jnp.array([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]]); y = jnp.array([1.0, 2.0, 0.0])
+      >>> loss = lambda w, X, y: 0.5 * jnp.mean((X @ w - y) ** 2) + 0.05 * w @ w
+      >>> w = jnp.zeros(2)
+      >>> g = jax.grad(loss)(w, X[:1], y[:1])
+      >>> out = gifjax.influence(loss, w, g, X, y, method="gif", solver="dense")
+      >>> out.delta.shape, bool(out.converged)
+      ((2,), True)
+
+    Warning:
+      CG needs H_λ positive definite (or P H_λ P for fif); on a non-convex
+      model it stops with ``failure="indefinite"`` — add damping, use
+      ``solver="lstsq"``, or use GIF, whose least-squares system is PSD.
+    """
+    fn = "influence"
+    _checks.check_like(fn, "g", g, params)
+    solver, mask, H = _setup(fn, loss_fn, params, args, mask, method, solver, damping, chunk_size)
+    prob = _problem(method, H, mask, adjoint=False)
+    sol = solver(prob.matvec, prob.rhs(g), rmatvec=prob.rmatvec, form=prob.form)
+    return Influence(prob.post(sol.value), sol)
+
+
+def adjoint_solve(loss_fn: Callable, params, test_grad, *args, mask=None, method: str = "if",
+                  solver="auto", damping=0.0, chunk_size: int | None = None) -> _solvers.Solution:
+    """s with ``test_gradᵀ Δ(g) = sᵀ g`` for every g — the one solve per test point.
+
+    ``value`` is s: H_λ⁻¹∇ (if), H_λ⁻¹P∇ (pif), (P H_λ P)⁺P∇ (fif), and
+    H_λ P (P H_λ² P)⁺ P∇ (gif; min-norm solution of P H_λ s = P∇). Arguments
+    as in :func:`influence`. ``jax.vmap`` it over test gradients.
+    """
+    fn = "adjoint_solve"
+    _checks.check_like(fn, "test_grad", test_grad, params)
+    solver, mask, H = _setup(fn, loss_fn, params, args, mask, method, solver, damping, chunk_size)
+    prob = _problem(method, H, mask, adjoint=True)
+    sol = solver(prob.matvec, prob.rhs(test_grad), rmatvec=prob.rmatvec, form=prob.form)
+    return sol._replace(value=prob.post(sol.value))
+
+
+class Scores(NamedTuple):
+    """Influence scores with the per-test-point solver diagnostics."""
+
+    scores: jax.Array            # [n_train, n_test]
+    solution: _solvers.Solution  # batched over test points
+
+
+def influence_scores(loss_fn: Callable, params, example_loss_fn: Callable, train_examples,
+                     test_examples, *args, mask=None, method: str = "if", solver="auto",
+                     damping=0.0, chunk_size: int | None = None, test_chunk_size: int = 16,
+                     train_chunk_size: int = 256, return_info: bool = False):
+    r"""Influence of each training example on each test example, [n_train, n_test].
+
+        I[i, j] = −∇ℓ(test_j)ᵀ Δ(∇ℓ(train_i)),
+
+    Δ the chosen estimator's parameter-change map (see module docstring).
+    Removing training point i of n changes test loss j by ≈ −I[i, j] / n.
+
+    Work: one (vmapped) solve per *test* point, in chunks of
+    ``test_chunk_size`` under ``lax.map``; training gradients are computed
+    chunk by chunk (``train_chunk_size``) and contracted with the stacked
+    solutions, never solved for. Both chunk sizes are static; the last
+    chunk is padded and trimmed, so one compile serves any n.
+
+    Args:
+      loss_fn, params, *args, mask, method, solver, damping, chunk_size: as
+        in :func:`influence` (``loss_fn`` defines H).
+      example_loss_fn: ``example_loss_fn(params, example) -> scalar`` for
+        one example (a pytree without batch axis).
+      train_examples, test_examples: pytrees with a leading batch axis.
+      return_info: also return the per-test :class:`~gifjax.solvers.Solution`
+        (as :class:`Scores`) — check ``converged`` on real models.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, gifjax
+      >>> X = jax.random.normal(jax.random.key(0), (20, 3)); y = X @ jnp.ones(3)
+      >>> loss = lambda w, X, y: 0.5 * jnp.mean((X @ w - y) ** 2) + 0.01 * w @ w
+      >>> ex = lambda w, xy: 0.5 * (xy[0] @ w - xy[1]) ** 2
+      >>> I = gifjax.influence_scores(loss, jnp.ones(3), ex, (X, y), (X[:4], y[:4]), X, y)
+      >>> I.shape
+      (20, 4)
+    """
+    fn = "influence_scores"
+    _checks.check_choice(fn, "method", method, METHODS)
+    grad_fn = jax.vmap(jax.grad(example_loss_fn), in_axes=(None, 0))
+
+    def solve_chunk(chunk):
+        return jax.vmap(lambda tg: adjoint_solve(
+            loss_fn, params, tg, *args, mask=mask, method=method, solver=solver,
+            damping=damping, chunk_size=chunk_size))(grad_fn(params, chunk))
+
+    sols = map_in_chunks(solve_chunk, test_examples, test_chunk_size, caller=fn, arg="test_examples")
+    S = sols.value  # pytree with leading n_test axis
+
+    def score_chunk(chunk):
+        G = grad_fn(params, chunk)
+        leaves = jax.tree_util.tree_leaves(tree_map(
+            lambda gl, sl: -jnp.einsum("i...,j...->ij", gl, sl, precision=jax.lax.Precision.HIGHEST),
+            G, S))
+        return sum(leaves[1:], leaves[0])
+
+    scores = map_in_chunks(score_chunk, train_examples, train_chunk_size, caller=fn, arg="train_examples")
+    return Scores(scores, sols) if return_info else scores
+
+
+def self_influence(loss_fn: Callable, params, example_loss_fn: Callable, examples, *args,
+                   mask=None, method: str = "if", solver="auto", damping=0.0,
+                   chunk_size: int | None = None, example_chunk_size: int = 16):
+    """Self-influence I[i, i] = −∇ℓ(z_i)ᵀ Δ(∇ℓ(z_i)) for each example, shape [n].
+
+    One solve per example (unavoidable). With the upweighting sign I[i, i] ≤ 0
+    for positive-definite H; −I[i, i] = ∇ℓᵀH⁻¹∇ℓ (for IF) is large for
+    atypical or mislabelled points — rank by it. Arguments as in
+    :func:`influence_scores`.
+    """
+    fn = "self_influence"
+    grad_fn = jax.grad(example_loss_fn)
+
+    def one(example):
+        gi = grad_fn(params, example)
+        s = adjoint_solve(loss_fn, params, gi, *args, mask=mask, method=method, solver=solver,
+                          damping=damping, chunk_size=chunk_size).value
+        return -_tree.vdot(s, gi)
+
+    return map_in_chunks(jax.vmap(one), examples, example_chunk_size, caller=fn, arg="examples")
+
+
+def map_in_chunks(fn: Callable, xs, chunk_size: int, *, caller: str = "map_in_chunks",
+                  arg: str = "xs"):
+    """Apply a batched ``fn`` to ``xs`` (leading axis n) in fixed-size chunks.
+
+    ``fn`` maps a pytree with leading axis ``chunk_size`` to outputs with the
+    same leading axis. The chunks run under ``lax.map`` (one compile); the last
+    chunk is padded by repeating the final example, and the padding trimmed.
+    """
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise _checks.error(caller, "chunk size", repr(chunk_size), "a positive int",
+                            "pass e.g. test_chunk_size=16.")
+    n = _curv.batch_size_of(caller, (xs,)) if jax.tree_util.tree_leaves(xs) else 0
+    if n == 0:
+        raise _checks.error(caller, arg, "no examples", "a pytree with a leading batch axis n ≥ 1",
+                            "pass at least one example.")
+    chunk = min(chunk_size, n)
+    num = -(-n // chunk)
+    pad = num * chunk - n
+    padded = tree_map(lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)]) if pad else a, xs)
+    stacked = tree_map(lambda a: a.reshape((num, chunk) + a.shape[1:]), padded)
+    out = jax.lax.map(fn, stacked)
+    return tree_map(lambda a: a.reshape((num * chunk,) + a.shape[2:])[:n], out)
