@@ -53,7 +53,8 @@ def validate(mask, params, *, fn: str = "masks.validate", allow_empty: bool = Fa
                 "masks select, they do not weight.", kind=TypeError,
             )
     if not allow_empty and all(_checks.is_concrete(m) for m in jax.tree_util.tree_leaves(mask)):
-        if int(count(mask)) == 0:
+        # numpy, not jnp: inside an outer trace jnp ops on constants are staged out
+        if sum(int(np.count_nonzero(np.asarray(m))) for m in jax.tree_util.tree_leaves(mask)) == 0:
             raise _checks.error(
                 fn, "mask", "a mask with no True entry", "at least one target parameter",
                 "select some parameters (e.g. gifjax.selection.select with a larger ratio).",
