@@ -17,6 +17,7 @@ from .influence import adjoint_solve as adjoint_solve
 from .influence import hessian_operator as hessian_operator
 from .influence import influence as influence
 from .influence import influence_scores as influence_scores
+from .influence import removal_gradient as removal_gradient
 from .influence import self_influence as self_influence
 from .solvers import Solution as Solution
 

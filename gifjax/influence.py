@@ -145,6 +145,32 @@ def _setup(fn, loss_fn, params, args, mask, method, solver, damping, chunk_size)
     return solver, mask, H
 
 
+def removal_gradient(loss_fn: Callable, params, *removed, num_train: int):
+    r"""g for removing a group U of m of ``num_train`` = n training examples.
+
+        g = m / (n − m) · ∇_θ loss_fn(θ̂, *removed)
+
+    with ``loss_fn`` the training objective (mean loss + regulariser R) and
+    ``removed`` U's data (leading axis m). Then Δ = H⁻¹ g with H the Hessian on
+    the *remaining* n − m examples is the Newton step to the retrained optimum
+    — exact for quadratic objectives (see ``tests/test_influence.py``): at θ̂,
+    ∇L_remaining = −m/(n − m) · (∇ mean_U ℓ + ∇R). With H of all n examples,
+    use m/n instead (the difference is second order).
+
+    Example:
+      >>> import jax.numpy as jnp, gifjax
+      >>> loss = lambda w, x: jnp.mean((x - w) ** 2)
+      >>> float(gifjax.removal_gradient(loss, jnp.zeros(()), jnp.ones(2), num_train=10))
+      -0.5
+    """
+    m = _curv.batch_size_of("removal_gradient", removed)
+    if not isinstance(num_train, int) or num_train <= m:
+        raise _checks.error("removal_gradient", "num_train", repr(num_train),
+                            f"an int larger than the {m} removed examples",
+                            "pass the size of the whole training set.")
+    return _tree.scale(m / (num_train - m), jax.grad(loss_fn)(params, *removed))
+
+
 def influence(loss_fn: Callable, params, g, *args, mask=None, method: str = "gif",
               solver="auto", damping=0.0, chunk_size: int | None = None) -> Influence:
     r"""Parameter change Δ that removes the data behind ``g`` (IF / PIF / FIF / GIF).
