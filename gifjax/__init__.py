@@ -5,6 +5,7 @@ Pure functions over pytrees. The core (``hvp`` → operators → ``solvers`` →
 """
 
 from . import masks as masks
+from . import selection as selection
 from . import solvers as solvers
 from .curvature import batched_hvp as batched_hvp
 from .curvature import hvp as hvp
