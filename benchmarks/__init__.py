@@ -1,0 +1,1 @@
+"""gifjax benchmark scripts (speed and accuracy); results land in benchmarks/results/."""
