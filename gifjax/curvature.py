@@ -8,20 +8,27 @@ constant times one gradient and never forms H. The other forms compose on it:
 * :func:`linearize_hvp`   linearise once, then v ↦ H v many times (solvers);
 * :func:`batched_hvp`     (1/n) Σ_i ∇²ℓ_i v over fixed-size chunks of a large
                           batch with ``lax.scan``; memory bounded by one chunk;
-* :func:`masked_hvp`      P H P v for an element mask P.
+* :func:`masked_hvp`      P H P v for an element mask P;
+* :func:`ggn_product`     Gauss–Newton G v = Jᵀ H_out J v (+ ∇²R v) through the
+                          model outputs (jvp, output-loss HVP, vjp); PSD when the
+                          output loss and R are convex (:class:`GGN`);
+* :func:`hutchinson_trace` tr(P A P) ≈ mean zᵀ A z over random sign vectors z.
 
 This module knows nothing of solvers; masks enter only as multiplications.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 
 from . import _checks, _tree
 from . import masks as _masks
+from ._conv_layout import canonicalize_convolutions
 
 
 def hvp(loss_fn: Callable, params, v, *args, damping=0.0):
@@ -49,7 +56,7 @@ def hvp(loss_fn: Callable, params, v, *args, damping=0.0):
     """
     _checks.check_like("hvp", "v", v, params)
     _checks.check_nonnegative("hvp", "damping", damping)
-    hv = jax.jvp(lambda p: jax.grad(loss_fn)(p, *args), (params,), (v,))[1]
+    hv = _jvp_of_grad(loss_fn, params, args)(v)
     return _damp(hv, v, damping)
 
 
@@ -71,6 +78,7 @@ def linearize_hvp(loss_fn: Callable, params, *args, damping=0.0):
     """
     _checks.check_nonnegative("linearize_hvp", "damping", damping)
     _, hv = jax.linearize(lambda p: jax.grad(loss_fn)(p, *args), params)
+    hv = canonicalize_convolutions(hv)
     return lambda v: _damp(hv(v), v, damping)
 
 
@@ -101,7 +109,7 @@ def batched_hvp_fn(loss_fn: Callable, params, *args, chunk_size: int, damping=0.
     num_full, rest = divmod(n, chunk_size)
 
     def chunk_hvp(chunk_args, v):
-        return jax.jvp(lambda p: jax.grad(loss_fn)(p, *chunk_args), (params,), (v,))[1]
+        return _jvp_of_grad(loss_fn, params, chunk_args)(v)
 
     def hvp_fn(v):
         full = jax.tree_util.tree_map(
@@ -143,7 +151,168 @@ def batch_size_of(fn: str, args) -> int:
     return sizes.pop()
 
 
+def _jvp_of_grad(loss_fn, params, args):
+    """v ↦ ∇²loss_fn(params, *args) v: the primitive every curvature product uses.
+
+    Convolutions are put in XLA:CPU's fast layout (see ``_conv_layout``), so
+    products stay fast inside solver loops on CPU; a no-op elsewhere.
+    """
+    return canonicalize_convolutions(
+        lambda v: jax.jvp(lambda p: jax.grad(loss_fn)(p, *args), (params,), (v,))[1])
+
+
 def _damp(hv, v, damping):
     if isinstance(damping, (int, float)) and damping == 0:
         return hv
     return _tree.axpy(damping, v, hv)
+
+
+# ----------------------------------------------------------------------------- Gauss–Newton
+
+
+@dataclasses.dataclass(frozen=True)
+class GGN:
+    r"""Generalised Gauss–Newton curvature spec: ``curvature=gifjax.GGN(apply_fn, output_loss)``.
+
+    With outputs f(θ) = ``apply_fn(θ, *args)``, J = ∂f/∂θ, the output loss
+    L_out(o) = ``output_loss(o, *args)`` and H_out = ∇²_o L_out at o = f(θ),
+
+        G = Jᵀ H_out J  (+ ∇²R when ``regularizer`` = R is given).
+
+    G drops the term Σ_k ∂L_out/∂o_k · ∇²f_k of the Hessian of L_out ∘ f, so it
+    is positive semi-definite whenever L_out and R are convex (cross-entropy
+    on logits, squared error), also on non-convex networks — CG then works
+    without extra damping. Use it where the training objective is
+    ``loss_fn(θ, *args) = output_loss(apply_fn(θ, *args), *args) + R(θ)``; with a
+    GGN spec gifjax never differentiates ``loss_fn`` itself for curvature.
+
+    Fields (static; the spec is hashable and closes over no data):
+      apply_fn: ``apply_fn(params, *args) -> outputs`` (any pytree, e.g. logits
+        [N, C] for the whole batch).
+      output_loss: ``output_loss(outputs, *args) -> scalar`` (the *mean* loss
+        over the batch, as in ``loss_fn``).
+      regularizer: optional ``regularizer(params) -> scalar`` (e.g. L2 weight
+        decay ½·wd·‖θ‖², whose curvature wd·I is then added exactly).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, gifjax, optax
+      >>> apply = lambda w, x, y: x @ w
+      >>> out_loss = lambda z, x, y: optax.softmax_cross_entropy_with_integer_labels(z, y).mean()
+      >>> ggn = gifjax.GGN(apply, out_loss, regularizer=lambda w: 0.5e-2 * jnp.sum(w ** 2))
+      >>> x, y = jnp.ones((4, 3)), jnp.array([0, 1, 0, 1])
+      >>> gifjax.ggn_product(ggn, jnp.zeros((3, 2)), jnp.ones((3, 2)), x, y).shape
+      (3, 2)
+
+    Warning:
+      G equals the Hessian only where the residual term vanishes (at an
+      interpolating optimum, or for a model linear in θ); influence computed
+      with G answers the Gauss–Newton (linearised-network) question.
+    """
+
+    apply_fn: Callable
+    output_loss: Callable
+    regularizer: Callable | None = None
+
+
+def check_ggn(fn: str, ggn) -> GGN:
+    """``ggn`` must be a :class:`GGN` with callable fields (checked in Python)."""
+    if not isinstance(ggn, GGN):
+        raise _checks.error(fn, "curvature", repr(ggn), '"hessian" or gifjax.GGN(apply_fn, output_loss)',
+                            "pass curvature=gifjax.GGN(apply_fn, output_loss) for Gauss–Newton curvature.")
+    for name in ("apply_fn", "output_loss"):
+        if not callable(getattr(ggn, name)):
+            raise _checks.error(fn, f"curvature.{name}", repr(getattr(ggn, name)), "a callable",
+                                f"pass {name} as a function (see gifjax.GGN).")
+    if ggn.regularizer is not None and not callable(ggn.regularizer):
+        raise _checks.error(fn, "curvature.regularizer", repr(ggn.regularizer), "a callable or None",
+                            "pass regularizer=lambda params: ... or leave it out.")
+    return ggn
+
+
+def ggn_product(ggn: GGN, params, v, *args, damping=0.0):
+    """Gauss–Newton product (Jᵀ H_out J + ∇²R + λI) v (see :class:`GGN`).
+
+    J v by ``jax.jvp`` of the model outputs, H_out (J v) by :func:`hvp` of the
+    output loss in output space, Jᵀ(·) by ``jax.vjp``; ∇²R v by :func:`hvp`.
+
+    Args:
+      ggn: a :class:`GGN` spec (static).
+      params: pytree; v: pytree like ``params`` (traced); ``*args`` the data.
+      damping: λ ≥ 0 (traced).
+
+    Returns:
+      A pytree like ``params``.
+    """
+    check_ggn("ggn_product", ggn)
+    _checks.check_like("ggn_product", "v", v, params)
+    _checks.check_nonnegative("ggn_product", "damping", damping)
+    model = lambda p: ggn.apply_fn(p, *args)
+    out, jv = jax.jvp(model, (params,), (v,))
+    hjv = hvp(ggn.output_loss, out, jv, *args)
+    gv = jax.vjp(model, params)[1](hjv)[0]
+    if ggn.regularizer is not None:
+        gv = _tree.add(gv, hvp(ggn.regularizer, params, v))
+    return _damp(gv, v, damping)
+
+
+def linearize_ggn(ggn: GGN, params, *args, damping=0.0):
+    """Linearise once; return ``v ↦ (G + λI) v`` (the operator form of :func:`ggn_product`).
+
+    The model is linearised once (``jax.linearize``) and its transpose taken
+    with ``jax.linear_transpose``, so each product runs only the tangent and
+    cotangent passes, never the forward pass again.
+    """
+    check_ggn("linearize_ggn", ggn)
+    _checks.check_nonnegative("linearize_ggn", "damping", damping)
+    out, jvp_fn = jax.linearize(lambda p: ggn.apply_fn(p, *args), params)
+    vjp_fn = jax.linear_transpose(jvp_fn, params)
+    h_out = linearize_hvp(ggn.output_loss, out, *args)
+    h_reg = None if ggn.regularizer is None else linearize_hvp(ggn.regularizer, params)
+
+    # the transpose holds the backward convolutions: keep them fast inside loops on CPU
+    jtj = canonicalize_convolutions(lambda v: vjp_fn(h_out(jvp_fn(v)))[0])
+
+    def op(v):
+        gv = jtj(v)
+        if h_reg is not None:
+            gv = _tree.add(gv, h_reg(v))
+        return _damp(gv, v, damping)
+
+    return op
+
+
+# ----------------------------------------------------------------------------- traces
+
+
+def hutchinson_trace(matvec: Callable, like, *, key, num_samples: int = 16, mask=None):
+    r"""Hutchinson estimate of tr(P A P) = E[zᵀ A z] over Rademacher z = P z.
+
+        tr ≈ (1/S) Σ_s z_sᵀ A z_s,   z_s ∈ {±1}^p masked by P,
+
+    unbiased, with variance 2 Σ_{i≠j} A_ij² / S (on the mask). The S products
+    are one vmapped call of ``matvec``.
+
+    Args:
+      matvec: symmetric operator on pytrees like ``like``.
+      like: pytree fixing structure and dtype.
+      key: PRNG key (traced); the estimate is deterministic given the key.
+      num_samples: S (static, ≥ 1).
+      mask: optional boolean element mask P (traced).
+
+    Returns:
+      The scalar trace estimate.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, gifjax
+      >>> A = jnp.diag(jnp.arange(1.0, 5.0))
+      >>> float(gifjax.hutchinson_trace(lambda v: A @ v, jnp.zeros(4), key=jax.random.key(0)))
+      10.0
+    """
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise _checks.error("hutchinson_trace", "num_samples", repr(num_samples), "a positive int",
+                            "pass e.g. num_samples=16 (the error falls as 1/sqrt(num_samples)).")
+    flat, unravel = jax.flatten_util.ravel_pytree(like)
+    signs = jax.random.rademacher(key, (num_samples, flat.shape[0]), flat.dtype)
+    zs = jax.vmap(lambda z: _masks.apply(mask, unravel(z)))(signs)
+    quad = jax.vmap(lambda z: _tree.vdot(z, matvec(z)))(zs)
+    return jnp.mean(quad)

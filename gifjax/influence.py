@@ -30,6 +30,17 @@ so removing training point i changes test loss j by ≈ −I[i, j] / n.
 Scores need one solve per *test* point: ∇ℓ(test)ᵀ Δ(g) = sᵀ g with s the
 adjoint solve (H_λ⁻¹ P∇ for PIF; the min-norm solution of P H_λ s = P∇ for
 GIF, because (H_λ P)⁺ᵀ = (P H_λ)⁺).
+
+Options shared by every estimator here:
+
+* ``curvature="hessian"`` (H = ∇²loss_fn) or ``gifjax.GGN(apply_fn,
+  output_loss)``: the Gauss–Newton matrix Jᵀ H_out J, PSD by construction —
+  same masks, solvers and damping;
+* ``damping=λ`` or ``gifjax.AutoDamping(fraction, key=...)``: λ = fraction ×
+  the mean eigenvalue of the curvature (a Hutchinson trace estimate),
+  reported as ``damping`` in the results;
+* ``solver=gifjax.lowrank.LowRank(factors)``: answer every query from one
+  shared rank-k factorisation (:mod:`gifjax.lowrank`), no HVP per query.
 """
 
 from __future__ import annotations
@@ -38,9 +49,11 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import _checks, _tree
 from . import curvature as _curv
+from . import lowrank as _lowrank
 from . import masks as _masks
 from . import solvers as _solvers
 
@@ -56,6 +69,8 @@ class Influence(NamedTuple):
         outside the mask for pif / fif / gif.
       solution: the solver's :class:`gifjax.solvers.Solution` (its ``value``
         is the unmasked solve; for pif that is the full IF update).
+      damping: the damping λ actually used (an array): the number given,
+        the value :class:`AutoDamping` resolved to, or the low-rank factors'.
 
     ``converged``, ``failure``, ``num_hvps``, ``num_steps`` and
     ``residual_norm`` forward to ``solution``.
@@ -63,6 +78,7 @@ class Influence(NamedTuple):
 
     delta: Any
     solution: _solvers.Solution
+    damping: Any = None  # the λ used (resolved from AutoDamping, or the factors')
 
     converged = property(lambda self: self.solution.converged)
     failure = property(lambda self: self.solution.failure)
@@ -104,6 +120,132 @@ def _resolve_solver(solver, method: str, fn: str) -> _solvers.Solver:
     return _solvers.get_solver(solver, fn=fn)
 
 
+@_solvers._pytree_dataclass(static=("num_samples",))
+class AutoDamping:
+    r"""Damping as a fraction of the mean eigenvalue: ``damping=gifjax.AutoDamping(0.1, key=k)``.
+
+        λ = fraction · max(tr(P C P), 0) / |t|,
+
+    C the curvature (Hessian or GGN), P the mask for ``fif`` / ``gif`` (all
+    parameters, |t| = p, for ``if`` / ``pif``), the trace by
+    :func:`gifjax.hutchinson_trace` with ``num_samples`` Rademacher probes
+    drawn from ``key`` — deterministic given the key. The resolved λ is
+    reported as ``damping`` in :class:`Influence` / :class:`Scores`, or get it
+    with :func:`resolve_damping`.
+
+    Fields: ``fraction`` (traced, ≥ 0), ``num_samples`` (static),
+    ``key`` (traced; default ``jax.random.key(0)``).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, gifjax
+      >>> loss = lambda w: 0.5 * jnp.sum(jnp.arange(1.0, 5.0) * w ** 2)
+      >>> float(gifjax.resolve_damping(loss, jnp.zeros(4), damping=gifjax.AutoDamping(0.1)))
+      0.25
+
+    Warning:
+      The mean eigenvalue of a deep-network Hessian is dominated by a few
+      large outliers and the bulk sits near 0 (or below): the same fraction
+      means different things on different models; Hutchinson's error is
+      ∝ 1/sqrt(num_samples). Where the trace is negative λ becomes 0.
+    """
+
+    fraction: Any = 0.1
+    num_samples: int = 16
+    key: Any = None
+
+
+def _check_damping(fn: str, damping):
+    if isinstance(damping, AutoDamping):
+        _checks.check_nonnegative(fn, "damping.fraction", damping.fraction)
+        if not isinstance(damping.num_samples, int) or damping.num_samples < 1:
+            raise _checks.error(fn, "damping.num_samples", repr(damping.num_samples), "a positive int",
+                                "pass e.g. AutoDamping(0.1, num_samples=16).")
+        return
+    try:
+        _checks.check_nonnegative(fn, "damping", damping)
+    except TypeError:
+        raise _checks.error(fn, "damping", repr(damping), "a number >= 0 or gifjax.AutoDamping(...)",
+                            "pass damping=0.01 or damping=gifjax.AutoDamping(0.1, key=key).") from None
+
+
+def _check_curvature(fn: str, curvature, chunk_size=None):
+    if isinstance(curvature, str) and curvature == "hessian":
+        return
+    _curv.check_ggn(fn, curvature)
+    if chunk_size is not None:
+        raise _checks.error(fn, "chunk_size", chunk_size, "None with a GGN curvature",
+                            "drop chunk_size (GGN products are linearised over the whole batch), "
+                            "or use curvature='hessian'.")
+
+
+def _resolve_damping(damping, H, params, method, mask):
+    if not isinstance(damping, AutoDamping):
+        return damping
+    on = mask if method in ("fif", "gif") else None
+    key = jax.random.key(0) if damping.key is None else damping.key
+    trace = _curv.hutchinson_trace(H, params, key=key, num_samples=damping.num_samples, mask=on)
+    count = _masks.size(params) if on is None else _masks.count(on)
+    return damping.fraction * jnp.maximum(trace, 0) / count
+
+
+def _operator(fn, loss_fn, params, args, method, mask, damping, curvature, chunk_size, sample_size=None):
+    """The damped curvature operator of ``method`` and the λ it uses (inputs checked)."""
+    _check_damping(fn, damping)
+    _check_curvature(fn, curvature, chunk_size)
+    H = curvature_operator(loss_fn, params, *args, curvature=curvature, chunk_size=chunk_size,
+                           sample_size=sample_size)
+    lam = _resolve_damping(damping, H, params, method, mask)
+    return (lambda v, **kw: _curv._damp(H(v, **kw), v, lam)), lam
+
+
+def resolve_damping(loss_fn: Callable, params, *args, damping, method: str = "if", mask=None,
+                    curvature="hessian", chunk_size: int | None = None):
+    """The damping λ an estimator will use: ``damping`` itself, or :class:`AutoDamping` resolved.
+
+    Arguments as in :func:`influence`. Resolve once and pass the number when
+    calling :func:`adjoint_solve` many times (its ``Solution`` does not
+    report λ).
+    """
+    fn = "resolve_damping"
+    _checks.check_choice(fn, "method", method, METHODS)
+    mask = _masks.validate(mask, params, fn=fn)
+    return jnp.asarray(_operator(fn, loss_fn, params, args, method, mask, damping, curvature,
+                                 chunk_size)[1])
+
+
+def curvature_operator(loss_fn: Callable, params, *args, curvature="hessian", damping=0.0,
+                       chunk_size: int | None = None, sample_size: int | None = None):
+    """The operator ``v ↦ (C + λI) v`` with C the Hessian (default) or a :class:`gifjax.GGN`.
+
+    ``curvature="hessian"`` is :func:`hessian_operator`; a GGN spec is
+    linearised once (:func:`gifjax.linearize_ggn`; ``chunk_size`` is not
+    supported) and honours ``sample_size`` like the Hessian operator.
+    """
+    fn = "curvature_operator"
+    _check_curvature(fn, curvature, chunk_size)
+    if isinstance(curvature, str):
+        return hessian_operator(loss_fn, params, *args, damping=damping, chunk_size=chunk_size,
+                                sample_size=sample_size)
+    full = _curv.linearize_ggn(curvature, params, *args, damping=damping)
+    sample = lambda v, *sub: _curv.ggn_product(curvature, params, v, *sub, damping=damping)
+    return _minibatch_operator(fn, full, sample, args, sample_size)
+
+
+def _minibatch_operator(fn, full, product, args, sample_size):
+    """``op(v)`` = full; ``op(v, key=k)`` = ``product(v, *minibatch)`` of ``sample_size`` examples."""
+    if sample_size is None:
+        return full
+    n = _curv.batch_size_of(fn, args)
+
+    def op(v, key=None):
+        if key is None:
+            return full(v)
+        idx = jax.random.choice(key, n, (min(sample_size, n),), replace=False)
+        return product(v, *tree_map(lambda a: a[idx], args))
+
+    return op
+
+
 def hessian_operator(loss_fn: Callable, params, *args, damping=0.0, chunk_size: int | None = None,
                      sample_size: int | None = None):
     """The curvature operator ``v ↦ (H + λI) v`` used by the estimators.
@@ -118,31 +260,53 @@ def hessian_operator(loss_fn: Callable, params, *args, damping=0.0, chunk_size: 
         full = _curv.batched_hvp_fn(loss_fn, params, *args, chunk_size=chunk_size, damping=damping)
     else:
         full = _curv.linearize_hvp(loss_fn, params, *args, damping=damping)
-    if sample_size is None:
-        return full
-    n = _curv.batch_size_of("hessian_operator", args)
-
-    def op(v, key=None):
-        if key is None:
-            return full(v)
-        idx = jax.random.choice(key, n, (min(sample_size, n),), replace=False)
-        sub = tree_map(lambda a: a[idx], args)
-        return _curv.hvp(loss_fn, params, v, *sub, damping=damping)
-
-    return op
+    sample = lambda v, *sub: _curv.hvp(loss_fn, params, v, *sub, damping=damping)
+    return _minibatch_operator("hessian_operator", full, sample, args, sample_size)
 
 
-def _setup(fn, loss_fn, params, args, mask, method, solver, damping, chunk_size):
+def _setup(fn, loss_fn, params, args, mask, method, solver, damping, chunk_size,
+           curvature="hessian", adjoint=False):
+    """Checked inputs → (solver, mask, damped operator, λ)."""
     _checks.check_choice(fn, "method", method, METHODS)
-    _checks.check_nonnegative(fn, "damping", damping)
+    _check_damping(fn, damping)
+    _check_curvature(fn, curvature, chunk_size)
     solver = _resolve_solver(solver, method, fn)
     mask = None if mask is None else _masks.validate(mask, params, fn=fn)
     if mask is None and method != "if":
         mask = _masks.full_mask(params)
+    if isinstance(solver, _lowrank.LowRank):
+        solver, lam = _lowrank_setup(fn, solver, method, adjoint, damping, curvature)
+        return solver, mask, _lowrank.no_operator, lam
     sample = solver.batch_size if isinstance(solver, _solvers.LiSSA) else None
-    H = hessian_operator(loss_fn, params, *args, damping=damping, chunk_size=chunk_size,
-                         sample_size=sample)
-    return solver, mask, H
+    H, lam = _operator(fn, loss_fn, params, args, method, mask, damping, curvature, chunk_size,
+                       sample)
+    return solver, mask, H, lam
+
+
+def _lowrank_setup(fn, solver, method, adjoint, damping, curvature):
+    """Factors fix the operator: check method / damping / curvature; transpose for gif's adjoint."""
+    f = solver.factors
+    if f.method is None:
+        raise _checks.error(fn, "solver", "LowRank factors without a method",
+                            "factors from gifjax.lowrank.factorize(..., method=...)",
+                            "build the factors with gifjax.lowrank.factorize so they know their operator.")
+    if _lowrank.OPERATORS[f.method] != _lowrank.OPERATORS[method]:
+        raise _checks.error(fn, "method", repr(method), f"a method served by the {f.method!r} factors",
+                            f"pass method={f.method!r}, or factorize again with method={method!r}.")
+    if isinstance(damping, AutoDamping) or (
+            _checks.is_concrete(damping) and _checks.is_concrete(f.damping)
+            and float(np.asarray(damping)) != 0 and not np.isclose(float(np.asarray(damping)),
+                                                                   float(np.asarray(f.damping)))):
+        raise _checks.error(fn, "damping", repr(damping),
+                            f"0 (default) or the factors' damping {float(np.asarray(f.damping))!r}",
+                            "leave damping out: the factors already include theirs "
+                            "(factorize again to change it).")
+    if not isinstance(curvature, str) and f.curvature != "ggn":
+        raise _checks.error(fn, "curvature", "a GGN spec", f"the factors' curvature {f.curvature!r}",
+                            "leave curvature out, or factorize with the same curvature.")
+    if adjoint and method == "gif":  # (H P)⁺ᵀ = (P H)⁺: the same factors, transposed
+        solver = _lowrank.LowRank(f.T, solver.complement)
+    return solver, f.damping
 
 
 def removal_gradient(loss_fn: Callable, params, *removed, num_train: int):
@@ -172,7 +336,8 @@ def removal_gradient(loss_fn: Callable, params, *removed, num_train: int):
 
 
 def influence(loss_fn: Callable, params, g, *args, mask=None, method: str = "gif",
-              solver="auto", damping=0.0, chunk_size: int | None = None) -> Influence:
+              solver="auto", damping=0.0, chunk_size: int | None = None,
+              curvature="hessian") -> Influence:
     r"""Parameter change Δ that removes the data behind ``g`` (IF / PIF / FIF / GIF).
 
     Args:
@@ -187,10 +352,13 @@ def influence(loss_fn: Callable, params, g, *args, mask=None, method: str = "gif
       method: ``"if"``, ``"pif"``, ``"fif"`` or ``"gif"`` (static).
       solver: ``"auto"`` (CG for if/pif/fif, LSTSQ for gif), a name from
         ``gifjax.solvers.SOLVERS``, or a configured value such as
-        ``gifjax.solvers.CG(rtol=1e-8, max_steps=500)``.
-      damping: λ ≥ 0 (traced), H → H + λI.
+        ``gifjax.solvers.CG(rtol=1e-8, max_steps=500)``, or
+        ``gifjax.lowrank.LowRank(factors)`` (shared low-rank factorisation).
+      damping: λ ≥ 0 (traced), H → H + λI; or :class:`AutoDamping`.
       chunk_size: if set (static), HVPs average over chunks of that many
         examples of ``args`` (all leaves batched), bounding memory.
+      curvature: ``"hessian"`` (default) or ``gifjax.GGN(apply_fn,
+        output_loss)`` for the PSD Gauss–Newton matrix (static).
 
     Returns:
       :class:`Influence` with ``delta`` and the solver's diagnostics.
@@ -212,23 +380,28 @@ def influence(loss_fn: Callable, params, g, *args, mask=None, method: str = "gif
     """
     fn = "influence"
     _checks.check_like(fn, "g", g, params)
-    solver, mask, H = _setup(fn, loss_fn, params, args, mask, method, solver, damping, chunk_size)
+    solver, mask, H, lam = _setup(fn, loss_fn, params, args, mask, method, solver, damping,
+                                  chunk_size, curvature)
     prob = _problem(method, H, mask, adjoint=False)
     sol = solver(prob.matvec, prob.rhs(g), rmatvec=prob.rmatvec, form=prob.form)
-    return Influence(prob.post(sol.value), sol)
+    return Influence(prob.post(sol.value), sol, jnp.asarray(lam))
 
 
 def adjoint_solve(loss_fn: Callable, params, test_grad, *args, mask=None, method: str = "if",
-                  solver="auto", damping=0.0, chunk_size: int | None = None) -> _solvers.Solution:
+                  solver="auto", damping=0.0, chunk_size: int | None = None,
+                  curvature="hessian") -> _solvers.Solution:
     """s with ``test_gradᵀ Δ(g) = sᵀ g`` for every g — the one solve per test point.
 
     ``value`` is s: H_λ⁻¹∇ (if), H_λ⁻¹P∇ (pif), (P H_λ P)⁺P∇ (fif), and
     H_λ P (P H_λ² P)⁺ P∇ (gif; min-norm solution of P H_λ s = P∇). Arguments
-    as in :func:`influence`. ``jax.vmap`` it over test gradients.
+    as in :func:`influence`. ``jax.vmap`` it over test gradients. With
+    :class:`AutoDamping`, λ is re-estimated on every call and not reported:
+    resolve it once with :func:`resolve_damping` and pass the number.
     """
     fn = "adjoint_solve"
     _checks.check_like(fn, "test_grad", test_grad, params)
-    solver, mask, H = _setup(fn, loss_fn, params, args, mask, method, solver, damping, chunk_size)
+    solver, mask, H, _ = _setup(fn, loss_fn, params, args, mask, method, solver, damping,
+                                chunk_size, curvature, adjoint=True)
     prob = _problem(method, H, mask, adjoint=True)
     sol = solver(prob.matvec, prob.rhs(test_grad), rmatvec=prob.rmatvec, form=prob.form)
     return sol._replace(value=prob.post(sol.value))
@@ -239,12 +412,14 @@ class Scores(NamedTuple):
 
     scores: jax.Array            # [n_train, n_test]
     solution: _solvers.Solution  # batched over test points
+    damping: Any = None          # the λ used (see Influence.damping)
 
 
 def influence_scores(loss_fn: Callable, params, example_loss_fn: Callable, train_examples,
                      test_examples, *args, mask=None, method: str = "if", solver="auto",
                      damping=0.0, chunk_size: int | None = None, test_chunk_size: int = 16,
-                     train_chunk_size: int = 256, return_info: bool = False):
+                     train_chunk_size: int = 256, return_info: bool = False,
+                     curvature="hessian"):
     r"""Influence of each training example on each test example, [n_train, n_test].
 
         I[i, j] = −∇ℓ(test_j)ᵀ Δ(∇ℓ(train_i)),
@@ -258,9 +433,13 @@ def influence_scores(loss_fn: Callable, params, example_loss_fn: Callable, train
     solutions, never solved for. Both chunk sizes are static; the last
     chunk is padded and trimmed, so one compile serves any n.
 
+    With ``solver=gifjax.lowrank.LowRank(factors)`` the solves are two
+    projections each: the factorisation's k HVPs are shared by all test points.
+
     Args:
-      loss_fn, params, *args, mask, method, solver, damping, chunk_size: as
-        in :func:`influence` (``loss_fn`` defines H).
+      loss_fn, params, *args, mask, method, solver, damping, chunk_size,
+        curvature: as in :func:`influence` (``loss_fn`` defines H; an
+        :class:`AutoDamping` is resolved once for all test points).
       example_loss_fn: ``example_loss_fn(params, example) -> scalar`` for
         one example (a pytree without batch axis).
       train_examples, test_examples: pytrees with a leading batch axis.
@@ -279,11 +458,13 @@ def influence_scores(loss_fn: Callable, params, example_loss_fn: Callable, train
     fn = "influence_scores"
     _checks.check_choice(fn, "method", method, METHODS)
     grad_fn = jax.vmap(jax.grad(example_loss_fn), in_axes=(None, 0))
+    lam = _shared_damping(fn, loss_fn, params, args, mask, method, solver, damping, chunk_size,
+                          curvature)
 
     def solve_chunk(chunk):
         return jax.vmap(lambda tg: adjoint_solve(
             loss_fn, params, tg, *args, mask=mask, method=method, solver=solver,
-            damping=damping, chunk_size=chunk_size))(grad_fn(params, chunk))
+            damping=lam, chunk_size=chunk_size, curvature=curvature))(grad_fn(params, chunk))
 
     sols = map_in_chunks(solve_chunk, test_examples, test_chunk_size, caller=fn, arg="test_examples")
     S = sols.value  # pytree with leading n_test axis
@@ -296,12 +477,28 @@ def influence_scores(loss_fn: Callable, params, example_loss_fn: Callable, train
         return sum(leaves[1:], leaves[0])
 
     scores = map_in_chunks(score_chunk, train_examples, train_chunk_size, caller=fn, arg="train_examples")
-    return Scores(scores, sols) if return_info else scores
+    if not return_info:
+        return scores
+    if isinstance(solver, _lowrank.LowRank):
+        lam = solver.factors.damping
+    return Scores(scores, sols, jnp.asarray(lam))
+
+
+def _shared_damping(fn, loss_fn, params, args, mask, method, solver, damping, chunk_size, curvature):
+    """Resolve :class:`AutoDamping` once for many solves (else pass ``damping`` through)."""
+    _checks.check_choice(fn, "method", method, METHODS)
+    if isinstance(solver, _lowrank.LowRank):
+        _lowrank_setup(fn, solver, method, False, damping, curvature)  # early, clear errors
+    if not isinstance(damping, AutoDamping) or isinstance(solver, _lowrank.LowRank):
+        return damping
+    mask = _masks.validate(mask, params, fn=fn)
+    return _operator(fn, loss_fn, params, args, method, mask, damping, curvature, chunk_size)[1]
 
 
 def self_influence(loss_fn: Callable, params, example_loss_fn: Callable, examples, *args,
                    mask=None, method: str = "if", solver="auto", damping=0.0,
-                   chunk_size: int | None = None, example_chunk_size: int = 16):
+                   chunk_size: int | None = None, example_chunk_size: int = 16,
+                   curvature="hessian"):
     """Self-influence I[i, i] = −∇ℓ(z_i)ᵀ Δ(∇ℓ(z_i)) for each example, shape [n].
 
     One solve per example (unavoidable). With the upweighting sign I[i, i] ≤ 0
@@ -311,11 +508,13 @@ def self_influence(loss_fn: Callable, params, example_loss_fn: Callable, example
     """
     fn = "self_influence"
     grad_fn = jax.grad(example_loss_fn)
+    lam = _shared_damping(fn, loss_fn, params, args, mask, method, solver, damping, chunk_size,
+                          curvature)
 
     def one(example):
         gi = grad_fn(params, example)
         s = adjoint_solve(loss_fn, params, gi, *args, mask=mask, method=method, solver=solver,
-                          damping=damping, chunk_size=chunk_size).value
+                          damping=lam, chunk_size=chunk_size, curvature=curvature).value
         return -_tree.vdot(s, gi)
 
     return map_in_chunks(jax.vmap(one), examples, example_chunk_size, caller=fn, arg="examples")

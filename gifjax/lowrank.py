@@ -1,0 +1,596 @@
+r"""Shared low-rank Krylov factorisations: k HVPs once, then any number of queries.
+
+The core solves one linear system per query; attributing thousands of test
+points repeats the same Krylov work thousands of times. Here the work is done
+once: a rank-k factorisation of the method's operator A is built with k
+(masked) curvature products and *full reorthogonalisation*, and every
+right-hand side b is then answered by two projections, O(k·p) flops and no
+HVP at all:
+
+==========  ============================  ==========================================
+method      operator A (``factorize``)    factorisation and answer
+==========  ============================  ==========================================
+if, pif     H_λ (symmetric)               Lanczos  A ≈ Y Θ Yᵀ,   x = Y Θ⁻¹ Yᵀ b
+fif         P H_λ P (symmetric)           Lanczos  (Y inside the mask)
+gif         H_λ P (least squares)         Golub–Kahan  A ≈ U Σ Vᵀ,  x = V Σ⁻¹ Uᵀ b
+gif scores  P H_λ = Aᵀ (min-norm)         the same factors transposed, s = U Σ⁻¹ Vᵀ b
+==========  ============================  ==========================================
+
+Lanczos runs m steps from a start vector q₁, A Q = Q T + β q_{m+1}e_mᵀ with T
+tridiagonal; eigendecomposing T = S Θ Sᵀ gives Ritz pairs (θ_i, y_i = Q s_i).
+Golub–Kahan (lower bidiagonalisation, as in LSQR) runs m steps from u₁,
+A V = U B with B (m+1)×m lower bidiagonal; the SVD B = P Σ Qᵀ gives
+approximate singular triplets (σ_i, U p_i, V q_i). The factors keep the
+``rank`` pairs of largest |θ| (or σ); the answer is the truncated
+pseudo-inverse of the factorised operator.
+
+What the approximation means — two readings, both exact statements:
+
+* **Rank-k truncation of the spectrum.** If the Krylov space has captured the
+  top-k eigen/singular pairs (m = dim: exactly; m a few times k from a random
+  start: the extremal part of the spectrum converges first), the answer is
+  A_k⁺ b, the pseudo-inverse restricted to the k largest |eigenvalues| — the
+  same truncation as a dense eigendecomposition. Directions of b outside the
+  captured subspace are *dropped* (the default) or, for damped
+  symmetric operators whose uncaptured eigenvalues are ≪ λ, mapped by 1/λ
+  (``LowRank(f, complement=1/λ)``), which is usually far more accurate.
+* **Krylov subspace of a specific right-hand side.** With ``start=b`` and all
+  m pairs kept, the answer for that b equals m steps of CG (symmetric
+  positive-definite A) or of CGLS/LSQR (gif) — and other right-hand sides are
+  answered in b's Krylov space. Starting from the mean of many right-hand
+  sides biases the subspace toward them; a random start (the default) treats
+  all directions alike.
+
+Breakdown (an invariant Krylov space, e.g. a repeated eigenvalue) is handled
+by restarting from a random vector of the operator's domain (masked for fif
+and for gif's right vectors) orthogonalised against the basis, so m may go up
+to that domain's dimension and full rank reproduces the exact answer.
+
+Example:
+    >>> import jax, jax.numpy as jnp, gifjax
+    >>> X = jax.random.normal(jax.random.key(0), (40, 3)); y = X @ jnp.ones(3)
+    >>> loss = lambda w, X, y: 0.5 * jnp.mean((X @ w - y) ** 2) + 0.01 * w @ w
+    >>> f = gifjax.lowrank.factorize(loss, jnp.zeros(3), X, y, method="if", rank=3)
+    >>> g = jnp.array([1.0, 0.0, 0.0])
+    >>> fast = gifjax.influence(loss, jnp.zeros(3), g, X, y, method="if",
+    ...                         solver=gifjax.lowrank.LowRank(f)).delta
+    >>> exact = gifjax.influence(loss, jnp.zeros(3), g, X, y, method="if", solver="dense").delta
+    >>> bool(jnp.allclose(fast, exact, rtol=1e-4))
+    True
+
+References: Lanczos (1950); Golub & Kahan (1965); Paige & Saunders, LSQR
+(1982); Schioppa et al., "Scaling up influence functions" (AAAI 2022) for
+Arnoldi/Lanczos-projected influence.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import numpy as np
+
+from . import _checks, _tree
+from . import masks as _masks
+from .solvers import NONE, Solution, Solver, _finish, _pytree_dataclass
+
+HIGHEST = jax.lax.Precision.HIGHEST
+#: Methods whose factorised operator is the same (H_λ for if and pif).
+OPERATORS = {"if": "hessian", "pif": "hessian", "fif": "fif", "gif": "gif"}
+
+
+@_pytree_dataclass(static=("method", "curvature"))
+class Factors:
+    """A rank-r factorisation A ≈ left · diag(values) · rightᵀ (a pytree value).
+
+    Attributes (arrays; the vector sets are pytrees like ``params`` with a
+    leading axis r, pair i = ``tree_map(lambda a: a[i], left)``):
+      values: [r] Ritz values θ_i (Lanczos; signed) or singular values σ_i
+        (Golub–Kahan), sorted by decreasing |value|.
+      left: Ritz vectors y_i (Lanczos) or left singular vectors u_i.
+      right: right singular vectors v_i, or ``None`` for symmetric factors
+        (then right = left).
+      rank: int32 scalar, how many leading pairs a solve uses (≤ r; set by
+        ``rtol`` and the numerical-rank floor m·eps).
+      residuals: [r] residual bounds of the pairs, ‖A y_i − θ_i y_i‖ =
+        |β_m s_{m,i}| (Lanczos) and ‖Aᵀ u_i − σ_i v_i‖ = α_{m+1}|p_{m,i}|
+        (Golub–Kahan); small = converged pair.
+      damping: the λ included in the factorised operator (H + λI).
+      num_matvecs: curvature products spent (int32).
+      method: static; the influence method the operator belongs to
+        (``None`` for factors of an arbitrary operator).
+      curvature: static; ``"hessian"`` or ``"ggn"``.
+
+    Save with :func:`save`, reload with :func:`load`; ``f.T`` is the
+    factorisation of Aᵀ.
+    """
+
+    values: jax.Array
+    left: Any
+    right: Any
+    rank: jax.Array
+    residuals: jax.Array
+    damping: jax.Array
+    num_matvecs: jax.Array
+    method: str | None = None
+    curvature: str = "hessian"
+
+    @property
+    def symmetric(self) -> bool:
+        return self.right is None
+
+    @property
+    def right_vectors(self):
+        return self.left if self.right is None else self.right
+
+    @property
+    def T(self) -> "Factors":
+        """Factors of Aᵀ (left and right swapped; symmetric factors unchanged)."""
+        if self.right is None:
+            return self
+        return Factors(self.values, self.right, self.left, self.rank, self.residuals, self.damping,
+                       self.num_matvecs, self.method, self.curvature)
+
+
+# ----------------------------------------------------------------------------- projections
+
+
+def project(vectors, x):
+    """Coefficients [r] of x on a stacked vector set: c_i = ⟨vectors_i, x⟩."""
+    leaves = jax.tree_util.tree_leaves(jax.tree_util.tree_map(
+        lambda V, a: jnp.tensordot(V, a, axes=jnp.ndim(a), precision=HIGHEST), vectors, x))
+    return sum(leaves[1:], leaves[0])
+
+
+def combine(vectors, c):
+    """Σ_i c_i · vectors_i, a pytree like one vector."""
+    return jax.tree_util.tree_map(lambda V: jnp.tensordot(c, V, axes=1, precision=HIGHEST).astype(V.dtype),
+                                  vectors)
+
+
+# ----------------------------------------------------------------------------- the solver
+
+
+@_pytree_dataclass()
+class LowRank(Solver):
+    r"""Solver that answers from a :class:`Factors` value: no HVP per query.
+
+    For factors A ≈ U diag(σ) Vᵀ (symmetric: U = V = Y, σ = θ) every form
+    returns the truncated pseudo-inverse of the factorised operator,
+
+        x = V diag(1/σ_i, i < rank) Uᵀ b  (+ c · (b − Y Yᵀ b), symmetric only),
+
+    ignoring ``matvec``. In :func:`gifjax.influence`, ``adjoint_solve``,
+    ``influence_scores`` and ``self_influence`` the factors fix the operator:
+    their ``method`` must match (if/pif share H_λ), ``damping`` and
+    ``curvature`` default to the factors' and may not differ, the ``mask``
+    must be the one given to :func:`factorize` (not checked), and GIF's
+    adjoint (min-norm with P H = (H P)ᵀ) uses the transposed factors.
+
+    Fields (traced):
+      factors: a :class:`Factors` value.
+      complement: c, the inverse eigenvalue assumed on the orthogonal
+        complement of the used pairs (symmetric factors only). ``None``
+        (default) is the rank-k truncation (c = 0); 1/λ is exact when the
+        uncaptured eigenvalues of H_λ − λI are ≪ λ (damping-dominated bulk).
+
+    Diagnostics (per query): ``num_steps = num_matvecs = 0``;
+    ``residual_norm`` = ‖b − U Uᵀ b‖, the part of b outside the used left
+    subspace — the residual of the *factorised* problem, not ‖b − A x‖ of the
+    true operator (that needs an HVP; :func:`approximation_error` measures
+    it against an exact solve); ``converged`` = the answer is finite.
+
+    Warning:
+      The answer is only as good as the captured spectrum: a rank-k
+      truncation drops every component of b outside the captured subspace.
+      Check ``factors.residuals`` and :func:`approximation_error` on a few
+      queries before trusting scores.
+    """
+
+    factors: Factors
+    complement: Any = None
+
+    def symmetric(self, A, b):
+        return self._apply(b)
+
+    def least_squares(self, A, At, b):
+        return self._apply(b)
+
+    def min_norm(self, A, At, b):
+        return self._apply(b)
+
+    def _apply(self, b):
+        f = self.factors
+        _checks.check_like("lowrank.LowRank", "b", b, jax.tree_util.tree_map(lambda a: a[0], f.left),
+                           ref_name="one factor vector")
+        has_complement = self.complement is not None
+        if has_complement and not f.symmetric:
+            raise _checks.error("lowrank.LowRank", "complement", self.complement,
+                                "0 for Golub–Kahan (gif) factors",
+                                "use complement only with symmetric (if/pif/fif) factors.")
+        used = jnp.arange(f.values.shape[0]) < f.rank
+        c = jnp.where(used, project(f.left, b), 0)
+        inv = jnp.where(used, 1.0 / jnp.where(used, f.values, 1), 0)
+        x = combine(f.right_vectors, inv * c)
+        outside = _tree.sub(b, combine(f.left, c))
+        if has_complement:
+            x = _tree.axpy(self.complement, outside, x)
+        return _finish(x, 0, 0, _tree.norm(outside), jnp.array(True), NONE)
+
+
+# ----------------------------------------------------------------------------- Krylov cores (flat)
+
+
+def _orth(w, basis):
+    # classical Gram–Schmidt twice ("twice is enough"): orthogonal to working precision
+    # (c @ basis, not basis.T @ c: a transposed [m, p] operand is copied on every call)
+    for _ in range(2):
+        w = w - jnp.matmul(jnp.matmul(basis, w, precision=HIGHEST), basis, precision=HIGHEST)
+    return w
+
+
+def _breakdown_tol(dtype, m):
+    return 100.0 * np.sqrt(m) * float(jnp.finfo(dtype).eps)
+
+
+def _extend(w, basis, restart, tol):
+    """Orthogonalise ``w`` against ``basis`` and normalise; restart on breakdown.
+
+    Breakdown (‖w‖ lost to cancellation: the Krylov space is invariant) gives
+    coefficient 0 and a fresh direction ``restart()`` (a random vector of the
+    operator's domain), orthogonalised too.
+    """
+    before = jnp.linalg.norm(w)
+    w = _orth(w, basis)
+    norm = jnp.linalg.norm(w)
+    broke = norm <= tol * before
+
+    def fresh(_):
+        r = _orth(restart(), basis)
+        nr = jnp.linalg.norm(r)
+        return jnp.where(nr > 0, r / jnp.where(nr > 0, nr, 1), 0)
+
+    q = jax.lax.cond(broke, fresh, lambda _: w / jnp.where(broke, 1, norm), None)
+    return q, jnp.where(broke, 0, norm), broke
+
+
+def _restarts(key, support):
+    """Restart direction j: a random normal vector on ``support`` (1 = the operator's domain).
+
+    One vector is drawn from ``key``; direction j is its cyclic shift by j + 1
+    (generic, and much cheaper to compile inside the loop than a new draw).
+    """
+    r = jax.random.normal(key, support.shape, support.dtype)
+    return lambda j: (lambda: jnp.roll(r, j + 1) * support)
+
+
+def _lanczos(A, q0, num_steps, key, support):
+    """m-step Lanczos with full reorthogonalisation on flat vectors."""
+    p, m, dt = q0.shape[0], num_steps, q0.dtype
+    tol = _breakdown_tol(dt, m)
+    Q = jnp.zeros((m, p), dt)
+    restart = _restarts(key, support)
+    q, _, _ = _extend(q0, Q, restart(m), tol)
+
+    def body(carry, j):
+        Q, q = carry
+        Q = Q.at[j].set(q)
+        w = A(q)
+        alpha = jnp.vdot(q, w, precision=HIGHEST)
+        q_next, beta, _ = _extend(w, Q, restart(j), tol)
+        return (Q, q_next), (alpha, beta)
+
+    (Q, _), (alpha, beta) = jax.lax.scan(body, (Q, q), jnp.arange(m))
+    T = jnp.diag(alpha) + jnp.diag(beta[:-1], 1) + jnp.diag(beta[:-1], -1)
+    theta, S = jnp.linalg.eigh(T)
+    vectors = jnp.matmul(S.T, Q, precision=HIGHEST)
+    residuals = jnp.abs(beta[-1] * S[-1, :])
+    return theta, vectors, None, residuals, m
+
+
+def _bidiagonalize(A, At, u0, num_steps, key, support_u, support_v):
+    """m-step Golub–Kahan lower bidiagonalisation with full reorthogonalisation."""
+    p, m, dt = u0.shape[0], num_steps, u0.dtype
+    tol = _breakdown_tol(dt, m)
+    key_u, key_v = jax.random.split(key)
+    restart_u, restart_v = _restarts(key_u, support_u), _restarts(key_v, support_v)
+    U = jnp.zeros((m + 1, p), dt)
+    V = jnp.zeros((m, p), dt)
+    u, _, _ = _extend(u0, U, restart_u(m), tol)
+    U = U.at[0].set(u)
+    v, a, _ = _extend(At(u), V, restart_v(m), tol)
+
+    def body(carry, j):
+        U, V, u, v, a = carry
+        V = V.at[j].set(v)
+        u_next, b, _ = _extend(A(v) - a * u, U, restart_u(j), tol)
+        U = U.at[j + 1].set(u_next)
+        v_next, a_next, _ = _extend(At(u_next) - b * v, V, restart_v(j), tol)
+        return (U, V, u_next, v_next, a_next), (a, b)
+
+    (U, V, _, _, a_last), (alpha, beta) = jax.lax.scan(body, (U, V, u, v, a), jnp.arange(m))
+    B = jnp.zeros((m + 1, m), dt).at[jnp.arange(m), jnp.arange(m)].set(alpha)
+    B = B.at[jnp.arange(1, m + 1), jnp.arange(m)].set(beta)
+    P, sigma, Qt = jnp.linalg.svd(B, full_matrices=False)
+    left = jnp.matmul(P.T, U, precision=HIGHEST)
+    right = jnp.matmul(Qt, V, precision=HIGHEST)
+    residuals = jnp.abs(a_last * P[-1, :])
+    return sigma, left, right, residuals, 1 + 2 * m
+
+
+def _check_steps(fn, rank, num_steps, dim):
+    if num_steps is None:
+        num_steps = rank
+    for name, val in (("num_steps", num_steps), ("rank", rank)):
+        if not isinstance(val, (int, np.integer)) or isinstance(val, bool) or val < 1:
+            raise _checks.error(fn, name, repr(val), "a positive int (static)",
+                                f"pass e.g. {name}=50.")
+    if num_steps > dim:
+        raise _checks.error(fn, "num_steps", num_steps, f"at most the dimension {dim}",
+                            f"pass num_steps <= {dim} (num_steps = {dim} is the exact factorisation).")
+    if rank > num_steps:
+        raise _checks.error(fn, "rank", rank, f"at most num_steps = {num_steps}",
+                            "keep rank <= num_steps (more steps than kept pairs improve accuracy).")
+    return int(rank), int(num_steps)
+
+
+def _check_rtol(fn, rtol):
+    if rtol is not None:
+        _checks.check_nonnegative(fn, "rtol", rtol)
+    return rtol
+
+
+def _factors(values, left, right, residuals, count, rank, rtol, unravel, damping, method, curvature):
+    """Sort by |value|, keep ``rank`` pairs, set the used count, unflatten the vectors."""
+    floor = values.shape[0] * float(jnp.finfo(values.dtype).eps)  # numerical rank, as in lstsq
+    order = jnp.argsort(-jnp.abs(values))[:rank]
+    values, residuals = values[order], residuals[order]
+    cut = floor if rtol is None else jnp.maximum(rtol, floor)
+    top = jnp.max(jnp.abs(values))
+    used = jnp.sum(jnp.abs(values) > cut * top, dtype=jnp.int32)
+    stack = lambda M: None if M is None else jax.vmap(unravel)(M[order])
+    return Factors(values, stack(left), stack(right), used, residuals, jnp.asarray(damping),
+                   jnp.asarray(count, jnp.int32), method, curvature)
+
+
+def _flat_op(op, unravel):
+    return lambda x: jax.flatten_util.ravel_pytree(op(unravel(x)))[0]
+
+
+def lanczos(matvec: Callable, start, *, num_steps: int, rank: int | None = None, rtol=None,
+            key=None) -> Factors:
+    r"""Rank-``rank`` Ritz factorisation of a symmetric operator by m-step Lanczos.
+
+        A Q_m = Q_m T_m + β_m q_{m+1} e_mᵀ,  T_m = S Θ Sᵀ,  A ≈ Y Θ Yᵀ with Y = Q_m S,
+
+    with full reorthogonalisation (two Gram–Schmidt passes per step) and a
+    random restart on breakdown. m = dim gives the exact eigendecomposition
+    (for an operator that is singular on a known subspace, e.g. masked, use
+    :func:`factorize` or :func:`gifjax.spectrum.eigsh` with the mask).
+
+    Args:
+      matvec: symmetric ``v ↦ A v`` on pytrees like ``start``.
+      start: the start vector q₁ (pytree; normalised here; traced).
+      num_steps: m, static (m matvecs, memory m vectors).
+      rank: pairs kept (static, ≤ m; default m), largest |θ| first.
+      rtol: traced; pairs with |θ| ≤ rtol·max|θ| are not used by solves.
+      key: PRNG key for restart vectors (default ``jax.random.key(0)``).
+
+    Returns:
+      :class:`Factors` with ``method=None`` (usable with :class:`LowRank`
+      directly; use :func:`factorize` for influence).
+
+    Example:
+      >>> import jax.numpy as jnp, gifjax
+      >>> A = jnp.diag(jnp.array([3.0, -2.0, 1.0]))
+      >>> f = gifjax.lowrank.lanczos(lambda v: A @ v, jnp.ones(3), num_steps=3)
+      >>> f.values.round(4)
+      Array([ 3., -2.,  1.], dtype=float32)
+    """
+    flat, unravel = jax.flatten_util.ravel_pytree(start)
+    rank, num_steps = _check_steps("lowrank.lanczos", num_steps if rank is None else rank,
+                                   num_steps, flat.shape[0])
+    key = jax.random.key(0) if key is None else key
+    out = _lanczos(_flat_op(matvec, unravel), flat, num_steps, key, jnp.ones_like(flat))
+    return _factors(*out, rank, _check_rtol("lowrank.lanczos", rtol), unravel, 0.0, None, "hessian")
+
+
+def bidiagonalize(matvec: Callable, rmatvec: Callable, start, *, num_steps: int,
+                  rank: int | None = None, rtol=None, key=None) -> Factors:
+    r"""Rank-``rank`` truncated SVD A ≈ U Σ Vᵀ by m-step Golub–Kahan bidiagonalisation.
+
+        β₁u₁ = start,  α₁v₁ = Aᵀu₁,  A V_m = U_{m+1} B_m,  B_m = P Σ Qᵀ,
+        U ← U_{m+1} P,  V ← V_m Q,
+
+    2m + 1 matvecs, full reorthogonalisation of both bases, random restart on
+    breakdown. With ``start = b`` and all pairs kept, V Σ⁻¹ Uᵀ b is m steps of
+    LSQR (= CGLS) for min ‖A x − b‖.
+
+    Args: as in :func:`lanczos`, plus ``rmatvec: u ↦ Aᵀ u``. ``start`` lives
+    in A's output space (like b).
+    """
+    flat, unravel = jax.flatten_util.ravel_pytree(start)
+    rank, num_steps = _check_steps("lowrank.bidiagonalize", num_steps if rank is None else rank,
+                                   num_steps, flat.shape[0])
+    key = jax.random.key(0) if key is None else key
+    ones = jnp.ones_like(flat)
+    out = _bidiagonalize(_flat_op(matvec, unravel), _flat_op(rmatvec, unravel), flat, num_steps, key,
+                         ones, ones)
+    return _factors(*out, rank, _check_rtol("lowrank.bidiagonalize", rtol), unravel, 0.0, None, "hessian")
+
+
+# ----------------------------------------------------------------------------- influence-level
+
+
+def factorize(loss_fn: Callable, params, *args, rank: int, method: str = "if", mask=None,
+              num_steps: int | None = None, rtol=None, damping=0.0, curvature="hessian", key=None,
+              start=None, chunk_size: int | None = None) -> Factors:
+    r"""Factorise the operator of an influence ``method`` once, for any number of queries.
+
+    ``method`` picks the operator (see the module table): Lanczos on H_λ
+    (if, pif) or P H_λ P (fif), Golub–Kahan on H_λ P (gif); with
+    C = ∇²loss_fn or a :class:`gifjax.GGN` for ``curvature``. Costs m
+    curvature products (2m + 1 for gif) and m stored vectors; each later
+    query costs two projections (:class:`LowRank`).
+
+    Args:
+      loss_fn, params, *args, mask, damping, curvature, chunk_size: as in
+        :func:`gifjax.influence` (``damping`` may be a
+        :class:`gifjax.AutoDamping`; the resolved λ is ``factors.damping``).
+      rank: pairs kept (static), largest |θ| / σ first.
+      method: ``"if"``, ``"pif"``, ``"fif"`` or ``"gif"`` (static).
+      num_steps: Krylov steps m (static, rank ≤ m ≤ dim, dim = the number of
+        target parameters for fif / gif; default ``rank``).
+        m ≈ 2·rank makes the kept top pairs much more accurate.
+      rtol: traced; use only pairs with |θ| > rtol·max|θ| (rank by tolerance).
+      key: PRNG key for the random start and restarts (default ``key(0)``).
+      start: optional start vector (pytree like ``params``; masked for fif).
+        ``start = g`` reproduces m steps of CG / LSQR for that g; the mean of
+        the right-hand sides biases the subspace toward them.
+
+    Returns:
+      :class:`Factors` tagged with ``method``; pass ``LowRank(factors)`` as
+      ``solver=`` to the influence functions, or :func:`save` it.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, gifjax
+      >>> X = jax.random.normal(jax.random.key(0), (30, 4)); y = X @ jnp.ones(4)
+      >>> loss = lambda w, X, y: 0.5 * jnp.mean((X @ w - y) ** 2) + 0.01 * w @ w
+      >>> ex = lambda w, xy: 0.5 * (xy[0] @ w - xy[1]) ** 2
+      >>> f = gifjax.lowrank.factorize(loss, jnp.ones(4), X, y, method="gif", rank=4)
+      >>> I = gifjax.influence_scores(loss, jnp.ones(4), ex, (X, y), (X[:5], y[:5]), X, y,
+      ...                             method="gif", solver=gifjax.lowrank.LowRank(f))
+      >>> I.shape
+      (30, 5)
+
+    Warning:
+      With rank ≪ dim, a random start captures the *extremal* spectrum; the
+      small eigenvalues — which dominate an undamped inverse — are missing.
+      Damp (λ above the uncaptured bulk, then ``complement=1/λ``), or check
+      :func:`approximation_error` before trusting the scores.
+    """
+    from .influence import METHODS, _operator, _problem  # influence imports this module
+
+    fn = "lowrank.factorize"
+    _checks.check_choice(fn, "method", method, METHODS)
+    mask = _masks.validate(mask, params, fn=fn)
+    masked = OPERATORS[method] != "hessian"
+    dim = _masks.size(params)
+    leaves = jax.tree_util.tree_leaves(mask)
+    if masked and all(_checks.is_concrete(m) for m in leaves):  # the domain: the target parameters
+        dim = sum(int(np.count_nonzero(np.asarray(m))) for m in leaves)
+    rank, num_steps = _check_steps(fn, rank, num_steps, dim)
+    _check_rtol(fn, rtol)
+    H, lam = _operator(fn, loss_fn, params, args, method, mask, damping, curvature, chunk_size)
+    prob = _problem(method, H, mask, adjoint=False)
+    key = jax.random.key(0) if key is None else key
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    key_start, key = jax.random.split(key)
+    if start is None:
+        start = unravel(jax.random.normal(key_start, flat.shape, flat.dtype))
+    else:
+        _checks.check_like(fn, "start", start, params)
+    q0 = jax.flatten_util.ravel_pytree(prob.rhs(start))[0]
+    A = _flat_op(prob.matvec, unravel)
+    ones = jnp.ones_like(flat)
+    on_mask = jax.flatten_util.ravel_pytree(_masks.apply(mask, unravel(ones)))[0] if masked else ones
+    if prob.form == "symmetric":
+        out = _lanczos(A, q0, num_steps, key, on_mask)
+    else:
+        out = _bidiagonalize(A, _flat_op(prob.rmatvec, unravel), q0, num_steps, key, ones, on_mask)
+    kind = "hessian" if isinstance(curvature, str) else "ggn"
+    return _factors(*out, rank, rtol, unravel, lam, method, kind)
+
+
+class Approximation(NamedTuple):
+    """Low-rank answer vs an exact solve (see :func:`approximation_error`)."""
+
+    relative_error: jax.Array   # ‖x_k − x‖ / ‖x‖
+    lowrank: Any                # x_k (Δ, or the adjoint s)
+    exact: Any                  # x
+    exact_solution: Solution    # the reference solve's diagnostics: check ``converged``
+
+
+def approximation_error(loss_fn: Callable, params, factors: Factors, b, *args, mask=None,
+                        adjoint: bool = False, complement=None, exact_solver=None,
+                        curvature="hessian", chunk_size: int | None = None) -> Approximation:
+    r"""Relative error of the low-rank answer against an exact solve, for one b.
+
+        error = ‖x_k − x‖ / ‖x‖,  x_k from ``LowRank(factors, complement)``,
+
+    x from ``exact_solver`` on the true operator (the factors' method,
+    damping, and the given ``mask`` / ``curvature``). ``adjoint=False``
+    compares Δ(b) (:func:`gifjax.influence`), ``adjoint=True`` the score
+    solve s(b) (:func:`gifjax.adjoint_solve`; b a test gradient). The default
+    exact solver is ``LSTSQ`` (pseudo-inverse, robust where H is indefinite)
+    at rtol 1e-10 (float64) or 1e-5 (float32). ``jax.vmap`` over b for many.
+    """
+    from .influence import adjoint_solve, influence
+    from .solvers import LSTSQ
+
+    fn = "lowrank.approximation_error"
+    if not isinstance(factors, Factors) or factors.method is None:
+        raise _checks.error(fn, "factors", type(factors).__name__,
+                            "Factors from gifjax.lowrank.factorize (tagged with a method)",
+                            "build them with gifjax.lowrank.factorize(..., method=...).")
+    if exact_solver is None:
+        dtype = jax.flatten_util.ravel_pytree(params)[0].dtype
+        exact_solver = LSTSQ(rtol=1e-10 if dtype == jnp.float64 else 1e-5)
+    run = adjoint_solve if adjoint else influence
+    pick = (lambda out: out.value) if adjoint else (lambda out: out.delta)
+    kw = dict(mask=mask, method=factors.method, chunk_size=chunk_size)
+    fast = run(loss_fn, params, b, *args, solver=LowRank(factors, complement), **kw)
+    ref = run(loss_fn, params, b, *args, solver=exact_solver, damping=factors.damping,
+              curvature=curvature, **kw)
+    ref_sol = ref if adjoint else ref.solution
+    x_k, x = pick(fast), pick(ref)
+    err = _tree.norm(_tree.sub(x_k, x)) / _tree.norm(x)
+    return Approximation(err, x_k, x, ref_sol)
+
+
+# ----------------------------------------------------------------------------- save / load
+
+
+def save(path, factors: Factors) -> None:
+    """Write ``factors`` to an ``.npz`` file (arrays plus method and curvature tags)."""
+    if not isinstance(factors, Factors):
+        raise _checks.error("lowrank.save", "factors", type(factors).__name__, "a Factors value",
+                            "pass the result of gifjax.lowrank.factorize.", kind=TypeError)
+    arrays = {"values": factors.values, "rank": factors.rank, "residuals": factors.residuals,
+              "damping": factors.damping, "num_matvecs": factors.num_matvecs,
+              "method": np.array(factors.method or ""), "curvature": np.array(factors.curvature)}
+    for side in ("left", "right"):
+        tree = getattr(factors, side)
+        for i, leaf in enumerate(jax.tree_util.tree_leaves(tree) if tree is not None else []):
+            arrays[f"{side}_{i}"] = np.asarray(leaf)
+    np.savez(path, **{k: np.asarray(v) for k, v in arrays.items()})
+
+
+def load(path, like) -> Factors:
+    """Read factors written by :func:`save`; ``like`` (e.g. ``params``) gives the pytree structure."""
+    with np.load(path) as data:
+        treedef = jax.tree_util.tree_structure(like)
+        n = treedef.num_leaves
+
+        def side(name):
+            if f"{name}_0" not in data:
+                return None
+            return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(data[f"{name}_{i}"]) for i in range(n)])
+
+        left = side("left")
+        if left is None:
+            raise _checks.error("lowrank.load", "path", str(path), "a file written by gifjax.lowrank.save",
+                                "save factors with gifjax.lowrank.save(path, factors).")
+        first = jax.tree_util.tree_map(lambda a: a[0], left)
+        _checks.check_like("lowrank.load", "like", like, first, ref_name="the saved vectors")
+        method = str(data["method"]) or None
+        return Factors(jnp.asarray(data["values"]), left, side("right"), jnp.asarray(data["rank"]),
+                       jnp.asarray(data["residuals"]), jnp.asarray(data["damping"]),
+                       jnp.asarray(data["num_matvecs"]), method, str(data["curvature"]))
+
+
+def no_operator(v, **kw):
+    """Stands in for the curvature operator when a :class:`LowRank` solver answers alone."""
+    raise RuntimeError("gifjax.lowrank.LowRank answers from its factors; the operator is never applied.")
