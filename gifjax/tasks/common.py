@@ -1,0 +1,418 @@
+"""Pieces shared by the class-removal and backdoor tasks.
+
+* :class:`TaskConfig` — one small frozen value: estimator, parameter
+  selection, protocol, solver budget and step grid;
+* :func:`f1` — the harmonic mean the paper scores both tasks with;
+* :func:`solve` — one jitted influence solve (any estimator), compiled ahead
+  of time so its compile time and its run time are reported apart;
+* :func:`predictions_along` — class predictions at θ + s·d for every step s of
+  a grid, jitted (``lax.map`` over the steps, fixed-size batches of inputs);
+* :func:`selection_mask` — unit scores on the examined data U → element mask;
+* :func:`removal_grad` / :func:`relabel_grad` — the right-hand sides g;
+* :func:`split_for_protocol` — which split the step is chosen on.
+
+Solver setup (the same for IF, PIF, FIF and GIF, so their HVP counts and
+errors are comparable): :class:`gifjax.solvers.LSTSQ` with a fixed budget of
+``max_steps`` iterations (CGLS: 1 + 2·max_steps HVPs; the tolerance
+``rtol=1e-6`` is rarely met, so "converged" is usually False and the budget
+is what stops it), on H + λI with a small damping λ (``damping``). CG is not
+used: a trained CNN's Hessian is indefinite, and CG stops at the first
+negative curvature (``failure="indefinite"``), whereas CGLS minimises the
+residual of the same system, indefinite or not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from .. import _checks
+from ..influence import METHODS
+from ..influence import influence as _influence_fn
+from ..influence import removal_gradient as _removal_gradient
+from .. import models as _models
+from .. import selection as _selection
+from .. import solvers as _solvers
+
+PROTOCOLS = ("heldout", "paper")
+SCORES = ("outputs", "gradients")
+RULES = ("highest", "lowest", "exclusive", "random", "threshold")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """How one estimator run is set up (a small frozen value; hashable).
+
+    Fields:
+      method: ``"if"``, ``"pif"``, ``"fif"`` or ``"gif"``.
+      ratio: fraction in (0, 1] of each Dense/Conv layer's parameters that
+        pif / fif / gif may change (``gifjax.selection.select``, per-layer
+        budget); ``if`` changes all parameters and ignores it.
+      rule: selection rule, one of ``"highest"``, ``"lowest"``,
+        ``"exclusive"``, ``"random"``, ``"threshold"``.
+      scores: which unit statistic on U ranks the units: ``"outputs"``
+        (|mean pre-activation|, :func:`gifjax.selection.activation_scores`) or
+        ``"gradients"`` (|mean ∂loss(U)/∂output|).
+      protocol: ``"heldout"`` (Hessian on training data, step chosen on the
+        validation split, metrics on test) or ``"paper"`` (the paper's code:
+        Hessian on a test batch and step chosen on the test set — a leak,
+        reproduced for comparison).
+      damping: λ ≥ 0 added to the Hessian (on top of the model's weight decay).
+      max_steps: LSTSQ (CGLS) iterations; each costs 2 HVPs.
+      hessian_size: how many examples the Hessian averages over (a seeded
+        random subset; ``None`` = all available).
+      min_step, max_step, num_steps: the step grid, s = 0 (the original
+        model) and ``num_steps`` lengths spaced geometrically from
+        ``min_step`` to ``max_step``. s is the Euclidean distance moved in
+        parameter space (the direction has unit norm). Geometric, because the
+        best distance differs by orders of magnitude between estimators
+        (all-parameter IF moves little, a 5 % mask far), and one grid with
+        the same relative resolution must serve them all.
+      seed: draws the Hessian subset and the random parts of selection.
+    """
+
+    method: str = "gif"
+    ratio: float = 0.05
+    rule: str = "highest"
+    scores: str = "outputs"
+    protocol: str = "heldout"
+    damping: float = 1e-3
+    max_steps: int = 40
+    hessian_size: int | None = 512
+    min_step: float = 0.01
+    max_step: float = 100.0
+    num_steps: int = 64
+    seed: int = 0
+
+    def validate(self, fn: str = "tasks.TaskConfig") -> "TaskConfig":
+        """Check every field; return ``self`` (errors name the field, got vs expected)."""
+        _checks.check_choice(fn, "method", self.method, METHODS)
+        _checks.check_choice(fn, "rule", self.rule, RULES)
+        _checks.check_choice(fn, "scores", self.scores, SCORES)
+        _checks.check_choice(fn, "protocol", self.protocol, PROTOCOLS)
+        if not _is_number(self.ratio) or not 0 < self.ratio <= 1:
+            raise _checks.error(fn, "ratio", repr(self.ratio), "a float in (0, 1]",
+                                "pass e.g. ratio=0.05 to select 5 % of each layer's parameters.")
+        if self.rule == "exclusive" and self.ratio > 0.5:
+            raise _checks.error(fn, "ratio", repr(self.ratio), "ratio <= 0.5 for rule='exclusive'",
+                                "lower the ratio or use another rule.")
+        _checks.check_nonnegative(fn, "damping", self.damping)
+        for arg, value in (("max_steps", self.max_steps), ("num_steps", self.num_steps)):
+            if not _is_int(value) or value < 1:
+                raise _checks.error(fn, arg, repr(value), "an int >= 1",
+                                    f"pass `{arg}` as a positive whole number.")
+        if self.hessian_size is not None and (not _is_int(self.hessian_size)
+                                              or self.hessian_size < 1):
+            raise _checks.error(fn, "hessian_size", repr(self.hessian_size), "None or an int >= 1",
+                                "pass e.g. hessian_size=512, or None for all examples.")
+        if not _is_number(self.min_step) or not 0 < self.min_step < np.inf:
+            raise _checks.error(fn, "min_step", repr(self.min_step), "a finite float > 0",
+                                "pass the smallest non-zero step length to try, e.g. min_step=0.01.")
+        if not _is_number(self.max_step) or not self.min_step <= self.max_step < np.inf:
+            raise _checks.error(fn, "max_step", repr(self.max_step),
+                                f"a finite float >= min_step ({self.min_step!r})",
+                                "pass the largest step length to try, e.g. max_step=100.0.")
+        if not _is_int(self.seed):
+            raise _checks.error(fn, "seed", repr(self.seed), "an int", "pass e.g. seed=0.")
+        return self
+
+    @property
+    def solver(self) -> _solvers.LSTSQ:
+        """The solver every estimator uses: LSTSQ (CGLS) with a fixed budget."""
+        return _solvers.LSTSQ(rtol=1e-6, max_steps=int(self.max_steps))
+
+    def grid(self) -> np.ndarray:
+        """The step lengths tried: 0, then ``geomspace(min_step, max_step, num_steps)``."""
+        return np.concatenate([[0.0], np.geomspace(float(self.min_step), float(self.max_step),
+                                                   int(self.num_steps))]).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How the original model and the retrained baseline are trained (:func:`gifjax.train.fit`).
+
+    The defaults train the small CNN on the 8×8 digits to ~97–98 % test
+    accuracy in a few seconds on a CPU. ``weight_decay`` is also the one in
+    the Hessian's objective, so θ̂ is (nearly) a stationary point of it.
+    """
+
+    optimizer: str = "adam"
+    learning_rate: float = 3e-3
+    epochs: int = 20
+    batch_size: int = 64
+    weight_decay: float = 1e-3
+    seed: int = 0
+
+    def fit_kwargs(self, progress: bool = False) -> dict:
+        """Keyword arguments for :func:`gifjax.train.fit` and the retraining baselines."""
+        return dict(optimizer=self.optimizer, learning_rate=self.learning_rate,
+                    epochs=self.epochs, batch_size=self.batch_size,
+                    weight_decay=self.weight_decay, seed=self.seed, progress=progress)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+def f1(a, b):
+    """Harmonic mean 2ab / (a + b) of two fractions in [0, 1]; 0 where a + b = 0.
+
+    Class removal uses ``f1(1 - self_acc, test_acc)``; the backdoor task
+    ``f1(relabel_acc, clean_acc)``. Works elementwise on arrays.
+
+    Example:
+      >>> from gifjax.tasks import f1
+      >>> round(f1(1 - 0.0, 0.9), 4)   # removed class forgotten, 90 % on the rest
+      0.9474
+    """
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    s = a + b
+    out = np.where(s > 0, 2 * a * b / np.where(s > 0, s, 1.0), 0.0)
+    return out if out.ndim else float(out)
+
+
+def accuracy(predictions, labels, where=None):
+    """Fraction of ``predictions == labels`` along the last axis (over ``where`` if given).
+
+    ``predictions`` may carry leading (step) axes; returns ``nan`` when
+    ``where`` selects nothing.
+    """
+    correct = np.asarray(predictions) == np.asarray(labels)
+    if where is not None:
+        where = np.asarray(where, bool)
+        if not where.any():
+            return np.full(correct.shape[:-1], np.nan) if correct.ndim > 1 else float("nan")
+        correct = correct[..., where]
+    out = correct.mean(axis=-1)
+    return out if np.ndim(out) else float(out)
+
+
+# ----------------------------------------------------------------------------- data per protocol
+
+
+def split_for_protocol(dataset, protocol: str):
+    """The split the step is chosen on: validation (``heldout``) or test (``paper``)."""
+    return dataset.test if protocol == "paper" else dataset.val
+
+
+def subsample(x, y, size: int | None, seed: int, *, salt: int = 0):
+    """A seeded random subset of ``size`` examples (all when ``size`` is None or larger), in order."""
+    n = len(y)
+    if size is None or size >= n:
+        return x, y
+    idx = np.sort(np.random.default_rng([seed, salt]).choice(n, size, replace=False))
+    return x[idx], y[idx]
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+class _LabelledXent(NamedTuple):
+    """Mean cross-entropy of fixed labels; a value-hashable callable (one compile per shape)."""
+
+    labels: tuple
+    minus: tuple = ()  # optional second label set subtracted (the backdoor's correction loss)
+
+    def __call__(self, logits):
+        y = jnp.asarray(self.labels, jnp.int32)
+        out = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        if self.minus:
+            y2 = jnp.asarray(self.minus, jnp.int32)
+            out = out - optax.softmax_cross_entropy_with_integer_labels(logits, y2).mean()
+        return out
+
+
+def selection_mask(model, variables, x_u, labels, config: TaskConfig, *, minus_labels=None):
+    """Element mask of the parameters pif / fif / gif may change (``None`` for ``if``).
+
+    Unit scores are computed on the examined data U (``x_u``): activation
+    scores for ``config.scores == "outputs"``; for ``"gradients"`` the
+    output-gradients of the mean cross-entropy of ``labels`` on U (minus that
+    of ``minus_labels`` when given — the backdoor's correction loss). Then
+    :func:`gifjax.selection.select` with ``config.rule`` and ``config.ratio``
+    (per-layer budget, key from ``config.seed``).
+
+    Returns:
+      ``(mask, selected, total)``: the mask (``None`` for ``method="if"``) and
+      the number of selected / all parameters.
+    """
+    params = variables["params"]
+    total = sum(int(np.size(p)) for p in jax.tree_util.tree_leaves(params))
+    if config.method == "if":
+        return None, total, total
+    if config.scores == "outputs":
+        scores = _selection.activation_scores(model, variables, jnp.asarray(x_u), train=False)
+    else:
+        loss = _LabelledXent(tuple(int(v) for v in np.asarray(labels)),
+                             () if minus_labels is None else tuple(int(v) for v in minus_labels))
+        scores = _selection.gradient_scores(model, variables, jnp.asarray(x_u), loss, train=False)
+    mask = _selection.select(params, scores, float(config.ratio), rule=config.rule,
+                             key=jax.random.key(config.seed))
+    selected = sum(int(np.count_nonzero(m)) for m in jax.tree_util.tree_leaves(mask))
+    if selected == 0:
+        raise _checks.error("tasks.selection_mask", "ratio", repr(config.ratio),
+                            "a ratio that selects at least one parameter of this model",
+                            "raise the ratio (floor(ratio × layer size) is 0 for every layer).")
+    return mask, selected, total
+
+
+# ----------------------------------------------------------------------------- the solve
+
+
+def run_compiled(jitted, *args, **static):
+    """Compile ``jitted`` ahead of time for ``args``, then run it: ``(output, compile_s, run_s)``.
+
+    Separates compilation (paid once per shape and static configuration)
+    from execution, so per-estimator wall times compare the methods, not
+    the compiler.
+    """
+    t0 = time.perf_counter()
+    compiled = jitted.lower(*args, **static).compile()
+    t1 = time.perf_counter()
+    out = jax.block_until_ready(compiled(*args))
+    return out, t1 - t0, time.perf_counter() - t1
+
+
+class SolveOutput(NamedTuple):
+    """What :func:`solve` returns (concrete values)."""
+
+    delta: dict            # Δ, like params
+    num_hvps: int
+    converged: bool
+    failure: str           # name from gifjax.solvers.FAILURES
+    residual_norm: float
+    compile_s: float       # ahead-of-time compile of this solve
+    time_s: float          # its execution (compile excluded)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "method", "weight_decay"))
+def _solve(variables, g, mask, hx, hy, damping, solver, *, model, method, weight_decay):
+    loss_fn = _models.make_loss_fn(model, variables, weight_decay=weight_decay)
+    out = _influence_fn(loss_fn, variables["params"], g, hx, hy, mask=mask, method=method,
+                        solver=solver, damping=damping)
+    return out.delta, out.num_hvps, out.converged, out.failure, out.residual_norm
+
+
+def solve(model, variables, g, hessian_x, hessian_y, config: TaskConfig, *, mask,
+          weight_decay: float) -> SolveOutput:
+    """Δ = estimator⁻¹ g for ``config.method`` with the task solver (see module docstring).
+
+    The Hessian is that of ``models.make_loss_fn(model, variables,
+    weight_decay=weight_decay)`` on ``(hessian_x, hessian_y)``, plus
+    ``config.damping``·I; ``mask`` is the element mask (``None`` for ``if``).
+    ``time_s`` is the solve alone and ``compile_s`` its compilation.
+    """
+    args = (variables, g, mask, jnp.asarray(hessian_x), jnp.asarray(hessian_y),
+            jnp.float32(config.damping), config.solver)
+    (delta, hvps, converged, failure, residual), compile_s, run_s = run_compiled(
+        _solve, *args, model=model, method=config.method, weight_decay=float(weight_decay))
+    return SolveOutput(delta, int(hvps), bool(converged), _solvers.FAILURES[int(failure)],
+                       float(residual), compile_s, run_s)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "weight_decay", "num_train"))
+def removal_grad(variables, x_u, y_u, *, model, weight_decay, num_train):
+    """g = m/(n − m)·∇(mean_U ℓ + R) of the training objective (:func:`gifjax.removal_gradient`)."""
+    loss_fn = _models.make_loss_fn(model, variables, weight_decay=weight_decay)
+    return _removal_gradient(loss_fn, variables["params"], x_u, y_u, num_train=num_train)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "num_train"))
+def relabel_grad(variables, x_u, y_from, y_to, *, model, num_train):
+    """g = m/n·[∇ mean_U ℓ(x, y_from) − ∇ mean_U ℓ(x, y_to)] for relabelling U from y_from to y_to.
+
+    Changing the labels of the m examples U of an n-example mean loss from
+    ``y_from`` to ``y_to`` changes the objective by (m/n)(mean_U ℓ(y_to) −
+    mean_U ℓ(y_from)); the Newton step is then H⁻¹ g with this g (the
+    regulariser cancels), the same sign convention as removal: Δ = H⁻¹ g.
+    """
+    loss_fn = _models.make_loss_fn(model, variables, weight_decay=0.0)
+    grad = jax.grad(lambda p: loss_fn(p, x_u, y_from) - loss_fn(p, x_u, y_to))(variables["params"])
+    m = x_u.shape[0]
+    return jax.tree_util.tree_map(lambda a: a * (m / num_train), grad)
+
+
+@jax.jit
+def _normalise(delta):
+    norm = jnp.sqrt(sum(jnp.vdot(d, d).real for d in jax.tree_util.tree_leaves(delta)))
+    safe = jnp.where(jnp.isfinite(norm) & (norm > 0), norm, jnp.inf)  # 0 or non-finite → d = 0
+    return jax.tree_util.tree_map(lambda d: d / safe, delta), norm
+
+
+def unit_direction(delta):
+    """``(delta / ‖delta‖, ‖delta‖)``, the norm over all leaves; a zero direction if ‖delta‖ is 0."""
+    direction, norm = _normalise(delta)
+    return direction, float(norm)
+
+
+# ----------------------------------------------------------------------------- the step grid
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _predict_grid(variables, direction, steps, x, *, model):
+    params, rest = _models.split_variables(variables)
+
+    def at(s):
+        moved = jax.tree_util.tree_map(lambda p, d: p + s * d, params, direction)
+        return jnp.argmax(model.apply({"params": moved, **rest}, x, train=False), -1)
+
+    # lax.map, not vmap: vmapping over the kernels turns every convolution into
+    # a grouped one, which XLA:CPU runs ~5x slower than a loop of plain ones.
+    return jax.lax.map(at, steps)
+
+
+def predictions_along(model, variables, direction, steps, x, *, batch_size: int = 512) -> np.ndarray:
+    """Predicted classes at θ + s·d for every s in ``steps``: int array [len(steps), len(x)].
+
+    One jitted program per input batch evaluates every step (``lax.map``
+    over steps); inputs go in fixed-size batches (the last padded), so one
+    compile serves any number of inputs. BatchNorm models run in eval mode.
+
+    Example:
+      >>> import numpy as np, jax
+      >>> from gifjax import models
+      >>> from gifjax.tasks import predictions_along
+      >>> m = models.create("mlp", 3); v = models.init(m, np.ones((1, 4)))
+      >>> d = jax.tree_util.tree_map(np.zeros_like, v["params"])
+      >>> predictions_along(m, v, d, np.array([0.0, 1.0]), np.ones((5, 4), np.float32)).shape
+      (2, 5)
+    """
+    x = np.asarray(x)
+    n = len(x)
+    batch_size = max(1, min(batch_size, n))
+    pad = -n % batch_size
+    xp = np.concatenate([x, np.repeat(x[:1], pad, axis=0)]) if pad else x
+    steps = jnp.asarray(steps, jnp.float32)
+    out = [_predict_grid(variables, direction, steps, jnp.asarray(xp[s:s + batch_size]), model=model)
+           for s in range(0, len(xp), batch_size)]
+    return np.concatenate([np.asarray(o) for o in out], axis=1)[:, :n]
+
+
+def best_index(score) -> int:
+    """Index of the largest finite score (the first, i.e. the smallest step, on ties)."""
+    score = np.where(np.isfinite(score), score, -np.inf)
+    return int(np.argmax(score))
+
+
+def timed(fn, *args, **kwargs):
+    """``(fn(*args, **kwargs), seconds)`` with the result blocked until ready."""
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn(*args, **kwargs))
+    return out, time.perf_counter() - t0
+
+
+def mean_std(values) -> tuple:
+    """(mean, sample std) of a list of numbers; std 0 for one value."""
+    v = np.asarray(values, np.float64)
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
