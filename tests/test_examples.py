@@ -31,3 +31,10 @@ def test_demo_command_runs():
                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("usage: python -m gifjax.demo") and "--fast" in out.stdout
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    second = re.search(r"```bash\n.*?\n(.*?)\n", readme, re.S).group(1)
+    command = second.split("&&")[1].split("#")[0].strip()
+    assert command in (ROOT / ".ci" / "run").read_text()
