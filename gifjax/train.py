@@ -195,14 +195,20 @@ def predict(model: nn.Module, variables, x, *, batch_size: int = 1024) -> np.nda
       >>> train.predict(m, v, np.ones((7, 5), np.float32), batch_size=4).shape
       (7, 3)
     """
+    out = [_logits(model, variables, batch) for batch in fixed_batches(x, batch_size)]
+    return np.concatenate([np.asarray(o) for o in out])[:len(x)]
+
+
+def fixed_batches(x, batch_size: int):
+    """Consecutive batches of ``x`` of one size (the last padded by repeating x[0]).
+
+    One shape for every batch means one compile; callers trim outputs to len(x).
+    """
     x = np.asarray(x)
-    n = len(x)
-    batch_size = max(1, min(batch_size, n))
-    pad = -n % batch_size
+    batch_size = max(1, min(batch_size, len(x)))
+    pad = -len(x) % batch_size
     xp = np.concatenate([x, np.repeat(x[:1], pad, axis=0)]) if pad else x
-    out = [_logits(model, variables, jnp.asarray(xp[s:s + batch_size]))
-           for s in range(0, len(xp), batch_size)]
-    return np.concatenate([np.asarray(o) for o in out])[:n]
+    return [jnp.asarray(xp[s:s + batch_size]) for s in range(0, len(xp), batch_size)]
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -40,6 +40,7 @@ from ..influence import removal_gradient as _removal_gradient
 from .. import models as _models
 from .. import selection as _selection
 from .. import solvers as _solvers
+from .. import train as _train
 
 PROTOCOLS = ("heldout", "paper")
 SCORES = ("outputs", "gradients")
@@ -388,15 +389,10 @@ def predictions_along(model, variables, direction, steps, x, *, batch_size: int 
       >>> predictions_along(m, v, d, np.array([0.0, 1.0]), np.ones((5, 4), np.float32)).shape
       (2, 5)
     """
-    x = np.asarray(x)
-    n = len(x)
-    batch_size = max(1, min(batch_size, n))
-    pad = -n % batch_size
-    xp = np.concatenate([x, np.repeat(x[:1], pad, axis=0)]) if pad else x
     steps = jnp.asarray(steps, jnp.float32)
-    out = [_predict_grid(variables, direction, steps, jnp.asarray(xp[s:s + batch_size]), model=model)
-           for s in range(0, len(xp), batch_size)]
-    return np.concatenate([np.asarray(o) for o in out], axis=1)[:, :n]
+    out = [_predict_grid(variables, direction, steps, batch, model=model)
+           for batch in _train.fixed_batches(x, batch_size)]
+    return np.concatenate([np.asarray(o) for o in out], axis=1)[:, :len(x)]
 
 
 def best_index(score) -> int:
