@@ -8,6 +8,7 @@ from . import lowrank as lowrank
 from . import masks as masks
 from . import selection as selection
 from . import solvers as solvers
+from . import sweep as sweep
 from . import spectrum as spectrum
 from .curvature import GGN as GGN
 from .curvature import batched_hvp as batched_hvp

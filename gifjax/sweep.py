@@ -1,0 +1,412 @@
+r"""Streaming, resumable influence sweeps over large training sets.
+
+:func:`score_stream` computes the same scores as
+:func:`gifjax.influence_scores`,
+
+    I[i, j] = −∇ℓ(test_j)ᵀ Δ(∇ℓ(train_i)),
+
+(Koh & Liang's upweighting sign: removing training point i of n changes test
+loss j by ≈ −I[i, j] / n), but consumes the training set chunk by chunk:
+
+* one adjoint solve per *test* point (:func:`gifjax.adjoint_solve`, vmapped),
+  done once, before any training example is read;
+* training examples come from an array (split into fixed-size chunks) or an
+  iterator of chunks; every chunk is padded to the same size and the padding
+  masked, so **one compiled chunk function** serves the whole sweep;
+* per test point the top-k most positive and most negative training
+  examples are kept incrementally; the full [N, n_test] matrix only with
+  ``keep_full=True``. Peak memory does not grow with N;
+* with ``out_dir`` every finished chunk is written atomically (temporary
+  file in the same directory, then ``os.replace``) next to a JSON manifest
+  of the configuration. Rerunning skips finished chunks and returns
+  bit-identical results; a directory written by a different configuration
+  is refused with an error, never mixed;
+* a tqdm bar over chunks on stderr (``progress=False`` turns it off; it is
+  also off when tqdm, the ``progress`` extra, is not installed) and/or a
+  ``callback(chunk_index, num_chunks)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+import tempfile
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _checks
+from .influence import METHODS, _shared_damping, adjoint_solve, map_in_chunks
+from . import lowrank as _lowrank
+
+tree_map = jax.tree_util.tree_map
+
+FORMAT = "gifjax.sweep/1"
+MANIFEST = "manifest.json"
+_CHUNK_RE = re.compile(r"^chunk_(\d{6})\.npz$")
+
+
+class StreamScores(NamedTuple):
+    """Result of :func:`score_stream`.
+
+    Attributes:
+      top_indices: [n_test, k] int64 — per test point the training indices of
+        the k largest (most positive) scores, largest first.
+      top_scores: [n_test, k] — those scores.
+      bottom_indices: [n_test, k] int64 — the k smallest (most negative)
+        scores' training indices, smallest first.
+      bottom_scores: [n_test, k] — those scores.
+      scores: the full [n_train, n_test] matrix with ``keep_full=True``, else ``None``.
+      num_train: number of training examples scored (padding excluded).
+      solution: per-test-point :class:`gifjax.solvers.Solution` (batched) —
+        check ``converged`` on real models.
+      damping: the λ used.
+      computed_chunks: chunk indices computed in *this* call (chunks loaded
+        from ``out_dir`` are not listed).
+
+    k = min(top_k, num_train). Ties are broken by the smaller training index.
+    """
+
+    top_indices: np.ndarray
+    top_scores: np.ndarray
+    bottom_indices: np.ndarray
+    bottom_scores: np.ndarray
+    scores: np.ndarray | None
+    num_train: int
+    solution: Any
+    damping: Any
+    computed_chunks: tuple
+
+
+def _is_stream(x) -> bool:
+    return hasattr(x, "__next__")
+
+
+def _leading(fn, arg, tree):
+    leaves = jax.tree_util.tree_leaves(tree)
+    sizes = {np.shape(a)[0] if np.ndim(a) else None for a in leaves}
+    if not leaves or None in sizes or len(sizes) != 1:
+        raise _checks.error(fn, arg, f"leading axes {sorted(map(str, sizes))}",
+                            "a pytree of arrays sharing one leading batch axis",
+                            "stack the examples along axis 0 (e.g. (X, y) with X.shape[0] == y.shape[0]).")
+    return sizes.pop()
+
+
+def _spec(tree):
+    """Structure, per-example shapes and dtypes of a batched pytree (JSON-able)."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    return {"tree": str(treedef),
+            "leaves": [[list(np.shape(a)[1:]), str(a.dtype if hasattr(a, "dtype") else np.asarray(a).dtype)] for a in leaves]}
+
+
+def _hash_tree(tree) -> str:
+    h = hashlib.sha256()
+    for leaf in jax.tree_util.tree_leaves(tree):
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _chunks(fn, train_examples, chunk_size):
+    """Yield (chunk, n_valid) with ``chunk_size`` rows (the last padded), and the chunk count."""
+    if _is_stream(train_examples):
+        def gen():
+            for c in train_examples:
+                m = _leading(fn, "train_examples", c)
+                if m > chunk_size:
+                    raise _checks.error(fn, "train_examples", f"a chunk of {m} examples",
+                                        f"chunks of at most train_chunk_size={chunk_size}",
+                                        "pass train_chunk_size >= the largest chunk, or split the chunks.")
+                yield c, m
+        return gen(), None
+    n = _leading(fn, "train_examples", train_examples)
+    total = -(-n // chunk_size)
+    return ((tree_map(lambda a: a[s:s + chunk_size], train_examples), min(chunk_size, n - s))
+            for s in range(0, n, chunk_size)), total
+
+
+def _pad(chunk, m, size):
+    """Pad a chunk of m rows to ``size`` by repeating its last row (finite inputs, masked later)."""
+    if m == size:
+        return chunk
+    return tree_map(lambda a: np.concatenate([np.asarray(a), np.repeat(np.asarray(a)[-1:], size - m, 0)]),
+                    chunk)
+
+
+def _merge(best_s, best_i, block, start, k, largest):
+    """Merge the running top-k (rows = test points) with a [m, n_test] block; ties → smaller index."""
+    m, n_test = block.shape
+    cand_s = np.concatenate([best_s, block.T], axis=1)  # [n_test, k' + m]
+    idx = np.broadcast_to(np.arange(start, start + m, dtype=np.int64), (n_test, m))
+    cand_i = np.concatenate([best_i, idx], axis=1)
+    by_index = np.argsort(cand_i, axis=1, kind="stable")  # then a stable sort by score keeps
+    cand_s = np.take_along_axis(cand_s, by_index, 1)      # equal scores in index order
+    cand_i = np.take_along_axis(cand_i, by_index, 1)
+    order = np.argsort(-cand_s if largest else cand_s, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(cand_s, order, 1), np.take_along_axis(cand_i, order, 1)
+
+
+def _write_atomic(path, write):
+    d = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _open_dir(fn, out_dir, config):
+    """Create ``out_dir`` with a manifest, or check the existing manifest matches ``config``."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, MANIFEST)
+    fingerprint = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old.get("fingerprint") != fingerprint:
+            old_cfg = old.get("config", {})
+            diff = sorted(k for k in set(old_cfg) | set(config) if old_cfg.get(k) != config.get(k))
+            raise _checks.error(
+                fn, "out_dir", f"{out_dir!r}, which holds a sweep with a different configuration "
+                f"(differs in: {', '.join(diff) or 'format'})",
+                "a new directory, or the configuration recorded in its manifest.json",
+                "pass a fresh out_dir, delete the old one, or rerun with the original configuration.")
+        return
+    if any(_CHUNK_RE.match(name) for name in os.listdir(out_dir)):
+        raise _checks.error(fn, "out_dir", f"{out_dir!r}, which holds chunk files but no {MANIFEST}",
+                            "an empty directory or one written by score_stream",
+                            "pass a fresh out_dir or delete the stray chunk files.")
+    body = json.dumps({"format": FORMAT, "fingerprint": fingerprint, "config": config},
+                      sort_keys=True, indent=1).encode()
+    _write_atomic(path, lambda f: f.write(body))
+
+
+def _progress_bar(progress, total):
+    if not progress:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the optional `progress` extra
+        return None
+    return tqdm(total=total, desc="gifjax.score_stream", unit="chunk", file=sys.stderr)
+
+
+def score_stream(loss_fn: Callable, params, example_loss_fn: Callable, train_examples,
+                 test_examples, *args, mask=None, method: str = "if", solver="auto",
+                 damping=0.0, chunk_size: int | None = None, curvature="hessian",
+                 test_chunk_size: int = 16, train_chunk_size: int | None = None,
+                 top_k: int = 10, keep_full: bool = False, out_dir: str | os.PathLike | None = None,
+                 config_id: str = "", progress: bool = True,
+                 callback: Callable[[int, int | None], Any] | None = None) -> StreamScores:
+    r"""Influence scores streamed over the training set: top-k per test point, resumable.
+
+        I[i, j] = −∇ℓ(test_j)ᵀ Δ(∇ℓ(train_i)),
+
+    Δ the estimator chosen by ``method`` (see :mod:`gifjax.influence`); the
+    numbers equal :func:`gifjax.influence_scores`. Removing training point i
+    of n changes test loss j by ≈ −I[i, j] / n, so the most *positive*
+    scores are the most helpful training examples (``top_*``), the most
+    negative the most harmful (``bottom_*``).
+
+    Work and memory: the n_test adjoint solves s_j run first (vmapped, in
+    chunks of ``test_chunk_size``); then each training chunk costs one
+    batched gradient and a [chunk, n_test] contraction −G Sᵀ in one jitted
+    function compiled once (the last chunk is padded by repeating its last
+    example and the padding dropped). Memory is O(train_chunk_size · n_test
+    + n_test · (p + k)), independent of N unless ``keep_full``.
+
+    Resuming: with ``out_dir`` each finished chunk's block is saved as
+    ``chunk_{index:06d}.npz`` (written to a temporary file, then
+    ``os.replace``) and ``manifest.json`` records a fingerprint of the
+    configuration: shapes/dtypes of params, test and training examples,
+    method, solver kind, damping, chunk sizes, ``top_k``, ``config_id`` and
+    SHA-256 hashes of ``params`` and of the test-point solutions. A rerun
+    with the same configuration loads finished chunks instead of computing
+    them and returns bit-identical results; a different configuration in
+    that directory raises ``ValueError``. Put anything the fingerprint
+    cannot see (e.g. a dataset version) into ``config_id``.
+
+    Args:
+      loss_fn, params, *args, mask, method, solver, damping, chunk_size,
+        curvature, test_chunk_size: as in :func:`gifjax.influence_scores`.
+      example_loss_fn: ``example_loss_fn(params, example) -> scalar`` for one
+        example (no batch axis).
+      train_examples: a pytree of arrays with a leading axis N (numpy
+        memmaps welcome: only one chunk is read at a time), or an
+        *iterator* (anything with ``__next__``, e.g. a generator or
+        ``iter(list_of_chunks)``) yielding such pytrees of at most
+        ``train_chunk_size`` examples each; training indices count across
+        chunks in order.
+      test_examples: pytree with a leading axis n_test.
+      train_chunk_size: rows per compiled chunk (static); default 256 for
+        arrays, the first chunk's size for iterators.
+      top_k: how many most positive / most negative examples to keep per test point.
+      keep_full: also return the full [N, n_test] matrix (memory O(N)).
+      out_dir: directory for resumable results (created if missing), or ``None``.
+      config_id: a user string folded into the fingerprint.
+      progress: show a tqdm bar over chunks on stderr.
+      callback: ``callback(chunk_index, num_chunks)`` after each chunk
+        (computed or loaded) is final; ``num_chunks`` is ``None`` for
+        iterators of unknown length. An exception raised here stops the
+        sweep; finished chunks stay on disk.
+
+    Returns:
+      :class:`StreamScores`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, gifjax
+      >>> from gifjax import sweep
+      >>> X = jax.random.normal(jax.random.key(0), (50, 3)); y = X @ jnp.ones(3)
+      >>> loss = lambda w, X, y: 0.5 * jnp.mean((X @ w - y) ** 2) + 0.01 * w @ w
+      >>> ex = lambda w, xy: 0.5 * (xy[0] @ w - xy[1]) ** 2
+      >>> r = sweep.score_stream(loss, jnp.ones(3), ex, (X, y), (X[:4], y[:4]), X, y,
+      ...                        train_chunk_size=16, top_k=3, progress=False)
+      >>> r.top_indices.shape, r.num_train
+      ((4, 3), 50)
+
+    Warning:
+      Bit-identical resumption assumes deterministic computation (same
+      device kind, same jax version): the solutions' hash is part of the
+      fingerprint, so a rerun whose solves differ in the last bit is
+      refused rather than mixed. Check ``solution.converged``.
+    """
+    fn = "sweep.score_stream"
+    _checks.check_choice(fn, "method", method, METHODS)
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
+        raise _checks.error(fn, "top_k", repr(top_k), "a positive int", "pass e.g. top_k=10.")
+    if train_chunk_size is not None and (not isinstance(train_chunk_size, int) or train_chunk_size < 1):
+        raise _checks.error(fn, "train_chunk_size", repr(train_chunk_size), "a positive int or None",
+                            "pass e.g. train_chunk_size=256.")
+    if callback is not None and not callable(callback):
+        raise _checks.error(fn, "callback", repr(callback), "None or callable(chunk_index, num_chunks)",
+                            "pass a function, e.g. lambda i, n: print(i, n).")
+    if _is_stream(train_examples):
+        first = next(train_examples, None)
+        if first is None:
+            raise _checks.error(fn, "train_examples", "an empty iterator", "at least one chunk",
+                                "pass an iterator that yields at least one chunk of examples.")
+        size = train_chunk_size or _leading(fn, "train_examples", first)
+        rest = train_examples
+
+        def chained():
+            yield first
+            yield from rest
+
+        stream = chained()
+        try:
+            hint = rest.__length_hint__() + 1 if hasattr(rest, "__length_hint__") else None
+        except TypeError:
+            hint = None
+        train_spec, num_train_known = _spec(first), None
+        source = stream
+    else:
+        size = train_chunk_size or 256
+        hint = None
+        n = _leading(fn, "train_examples", train_examples)
+        size = min(size, n)
+        train_spec, num_train_known = _spec(train_examples), n
+        source = train_examples
+
+    # One solve per test point, shared by every training chunk.
+    grad_fn = jax.vmap(jax.grad(example_loss_fn), in_axes=(None, 0))
+    lam = _shared_damping(fn, loss_fn, params, args, mask, method, solver, damping,
+                               chunk_size, curvature)
+
+    def solve_chunk(chunk):
+        return jax.vmap(lambda tg: adjoint_solve(
+            loss_fn, params, tg, *args, mask=mask, method=method, solver=solver,
+            damping=lam, chunk_size=chunk_size, curvature=curvature))(grad_fn(params, chunk))
+
+    sols = map_in_chunks(solve_chunk, test_examples, test_chunk_size, caller=fn,
+                              arg="test_examples")
+    S = sols.value
+    n_test = _leading(fn, "test_examples", test_examples)
+
+    @jax.jit
+    def score_chunk(params, S, chunk):
+        G = grad_fn(params, chunk)
+        leaves = jax.tree_util.tree_leaves(tree_map(
+            lambda gl, sl: -jnp.einsum("i...,j...->ij", gl, sl, precision=jax.lax.Precision.HIGHEST),
+            G, S))
+        return sum(leaves[1:], leaves[0])
+
+    if out_dir is not None:
+        out_dir = os.fspath(out_dir)
+        lam_repr = (repr(float(np.asarray(lam))) if _checks.is_concrete(lam) and np.ndim(lam) == 0
+                    else type(lam).__name__)
+        config = {
+            "format": FORMAT,
+            "method": method,
+            "solver": solver if isinstance(solver, str) else type(solver).__name__,
+            "damping": lam_repr,
+            "curvature": curvature if isinstance(curvature, str) else type(curvature).__name__,
+            "hvp_chunk_size": chunk_size,
+            "train_chunk_size": size,
+            "test_chunk_size": test_chunk_size,
+            "top_k": top_k,
+            "config_id": str(config_id),
+            "num_train": num_train_known,
+            "num_test": n_test,
+            "params": _spec(tree_map(lambda a: np.asarray(a)[None], params)),
+            "train_examples": train_spec,
+            "test_examples": _spec(test_examples),
+            "params_sha256": _hash_tree(params),
+            "solutions_sha256": _hash_tree(S),
+        }
+        _open_dir(fn, out_dir, config)
+
+    chunks, total = _chunks(fn, source, size)
+    total = total if total is not None else hint
+    bar = _progress_bar(progress, total)
+    k = top_k
+    dtype = np.result_type(*[np.asarray(l).dtype for l in jax.tree_util.tree_leaves(S)])
+    top_s = np.empty((n_test, 0), dtype); top_i = np.empty((n_test, 0), np.int64)
+    bot_s = np.empty((n_test, 0), dtype); bot_i = np.empty((n_test, 0), np.int64)
+    full, computed, start = [], [], 0
+    try:
+        for c, (chunk, m) in enumerate(chunks):
+            path = None if out_dir is None else os.path.join(out_dir, f"chunk_{c:06d}.npz")
+            block = None
+            if path is not None and os.path.exists(path):
+                with np.load(path) as z:
+                    if int(z["start"]) != start or int(z["count"]) != m:
+                        raise _checks.error(
+                            fn, "train_examples", f"chunk {c} at rows [{start}, {start + m})",
+                            f"rows [{int(z['start'])}, {int(z['start']) + int(z['count'])}) as saved in {out_dir!r}",
+                            "feed the same chunks as the interrupted run, or use a fresh out_dir.")
+                    block = z["scores"]
+            if block is None:
+                padded = tree_map(jnp.asarray, _pad(chunk, m, size))
+                block = np.asarray(score_chunk(params, S, padded))[:m]
+                computed.append(c)
+                if path is not None:
+                    _write_atomic(path, lambda f: np.savez(f, scores=block, start=np.int64(start),
+                                                           count=np.int64(m)))
+            top_s, top_i = _merge(top_s, top_i, block, start, k, largest=True)
+            bot_s, bot_i = _merge(bot_s, bot_i, block, start, k, largest=False)
+            if keep_full:
+                full.append(block)
+            start += m
+            if bar is not None:
+                bar.update(1)
+            if callback is not None:
+                callback(c, total)
+    finally:
+        if bar is not None:
+            bar.close()
+    if isinstance(solver, _lowrank.LowRank):
+        lam = solver.factors.damping
+    return StreamScores(top_i, top_s, bot_i, bot_s, np.concatenate(full) if keep_full else None,
+                        start, sols, jnp.asarray(lam), tuple(computed))
