@@ -41,7 +41,6 @@ import time
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from .. import _checks
@@ -379,20 +378,11 @@ def run_experiment(dataset, *, trigger: Trigger | None = None, model="cnn", meth
     original = evaluate(net, variables, dataset.test, poisoned.test_triggered, target)
     retrained = evaluate(net, refit.variables, dataset.test, poisoned.test_triggered, target)
 
-    t0 = time.perf_counter()
-    mask = None
-    if any(m != "if" for m in methods):
-        mask = correction_mask(net, variables, poisoned, dataclasses.replace(config, method="gif"))[0]
-    selection_s = time.perf_counter() - t0
-    zero = common.unit_direction(jax.tree_util.tree_map(jnp.zeros_like, variables["params"]))[0]
-    for split in (dataset.val, dataset.test):
-        common.predictions_along(net, variables, zero, config.grid(), split.x)
-
-    runs = []
-    for method in methods:
-        say(f"running {method.upper()} ...")
-        runs.append(correct_backdoor(net, variables, dataset, poisoned,
-                                     dataclasses.replace(config, method=method),
-                                     weight_decay=training.weight_decay, mask=mask))
-    return BackdoorExperiment(poisoned.trigger, original, retrained, tuple(runs), train_s,
+    runs, selection_s = common.compare_estimators(
+        net, variables, methods, config, (dataset.val, dataset.test),
+        make_mask=lambda cfg: correction_mask(net, variables, poisoned, cfg),
+        run=lambda cfg, mask: correct_backdoor(net, variables, dataset, poisoned, cfg,
+                                               weight_decay=training.weight_decay, mask=mask),
+        say=say)
+    return BackdoorExperiment(poisoned.trigger, original, retrained, runs, train_s,
                               retrain_s, selection_s, net, variables)

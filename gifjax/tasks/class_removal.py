@@ -42,12 +42,10 @@ Example (CPU, ~1 minute):
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from .. import _checks
@@ -129,7 +127,7 @@ def _check_class(fn, dataset, removed_class):
             or not 0 <= removed_class < dataset.num_classes):
         raise _checks.error(fn, "removed_class", repr(removed_class),
                             f"an int in [0, {dataset.num_classes})",
-                            f"pass a class label of the data set, e.g. removed_class=0.")
+                            "pass a class label of the data set, e.g. removed_class=0.")
     for name, split in (("train", dataset.train), ("val", dataset.val), ("test", dataset.test)):
         if not np.any(split.y == removed_class):
             raise _checks.error(fn, "dataset", f"no examples of class {removed_class} in its "
@@ -292,24 +290,13 @@ def run_experiment(dataset, removed_class: int, *, model="cnn", methods=METHODS,
     original = evaluate(net, variables, dataset.test, removed_class)
     retrained = evaluate(net, refit.variables, dataset.test, removed_class)
 
-    t0 = time.perf_counter()
-    mask = None
-    if any(m != "if" for m in methods):
-        mask = removal_mask(net, variables, dataset, removed_class,
-                            dataclasses.replace(config, method="gif"))[0]
-    selection_s = time.perf_counter() - t0
-    # Compile the step evaluation once, outside any estimator's timing.
-    zero = common.unit_direction(jax.tree_util.tree_map(jnp.zeros_like, variables["params"]))[0]
-    for split in (dataset.val, dataset.test):
-        common.predictions_along(net, variables, zero, config.grid(), split.x)
-
-    runs = []
-    for method in methods:
-        say(f"running {method.upper()} ...")
-        runs.append(remove_class(net, variables, dataset, removed_class,
-                                 dataclasses.replace(config, method=method),
-                                 weight_decay=training.weight_decay, mask=mask))
-    return RemovalExperiment(removed_class, original, retrained, tuple(runs), train_s, retrain_s,
+    runs, selection_s = common.compare_estimators(
+        net, variables, methods, config, (dataset.val, dataset.test),
+        make_mask=lambda cfg: removal_mask(net, variables, dataset, removed_class, cfg),
+        run=lambda cfg, mask: remove_class(net, variables, dataset, removed_class, cfg,
+                                           weight_decay=training.weight_decay, mask=mask),
+        say=say)
+    return RemovalExperiment(removed_class, original, retrained, runs, train_s, retrain_s,
                              selection_s, net, variables)
 
 

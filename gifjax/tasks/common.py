@@ -412,3 +412,26 @@ def mean_std(values) -> tuple:
     """(mean, sample std) of a list of numbers; std 0 for one value."""
     v = np.asarray(values, np.float64)
     return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
+
+
+def compare_estimators(net, variables, methods, config, splits, *, make_mask, run, say):
+    """Run ``run(config_for_method, mask)`` for each method with one shared mask.
+
+    The mask (``make_mask(config)[0]``, skipped when only IF runs) is built once
+    and timed as ``selection_s``; the step-grid evaluation is compiled on
+    ``splits`` first so no estimator's time includes that compile.
+    Returns ``(runs, selection_s)``.
+    """
+    t0 = time.perf_counter()
+    mask = None
+    if any(m != "if" for m in methods):
+        mask = make_mask(dataclasses.replace(config, method="gif"))[0]
+    selection_s = time.perf_counter() - t0
+    zero = unit_direction(jax.tree_util.tree_map(jnp.zeros_like, variables["params"]))[0]
+    for split in splits:
+        predictions_along(net, variables, zero, config.grid(), split.x)
+    runs = []
+    for method in methods:
+        say(f"running {method.upper()} ...")
+        runs.append(run(dataclasses.replace(config, method=method), mask))
+    return tuple(runs), selection_s
