@@ -117,3 +117,18 @@ def problem(request, dtype):
 def rel_err(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+def dense_estimate(M, g, method, idx):
+    """Δ from the definitions for a dense curvature matrix M (float64 oracle)."""
+    M, g = np.asarray(M, np.float64), np.asarray(g, np.float64)
+    if method == "if":
+        return np.linalg.solve(M, g)
+    out = np.zeros_like(g)
+    if method == "pif":
+        out[idx] = np.linalg.solve(M, g)[idx]
+    elif method == "fif":
+        out[idx] = np.linalg.solve(M[np.ix_(idx, idx)], g[idx])
+    else:  # gif: argmin over x supported on idx of ‖M x − g‖
+        out[idx] = np.linalg.lstsq(M[:, idx], g, rcond=None)[0]
+    return out

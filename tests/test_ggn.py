@@ -11,7 +11,7 @@ import pytest
 
 import gifjax
 from gifjax import masks, solvers
-from conftest import _l2, _xent, cnn_apply, make_problem, mlp_apply, rel_err
+from conftest import _l2, _xent, cnn_apply, dense_estimate, make_problem, mlp_apply, rel_err
 
 APPLY = {"mlp": mlp_apply, "cnn": cnn_apply}
 
@@ -60,16 +60,7 @@ def test_estimators_and_scores_with_ggn_curvature_match_dense(method, x64):
     gf = np.asarray(problem.flat(g))
 
     def dense(gf):
-        out = np.zeros_like(gf)
-        if method == "if":
-            return np.linalg.solve(G, gf)
-        if method == "pif":
-            out[idx] = np.linalg.solve(G, gf)[idx]
-        elif method == "fif":
-            out[idx] = np.linalg.solve(G[np.ix_(idx, idx)], gf[idx])
-        else:
-            out[idx] = np.linalg.lstsq(G[:, idx], gf, rcond=None)[0]
-        return out
+        return dense_estimate(G, gf, method, idx)
 
     # CG works without damping: the GGN is positive definite where the Hessian is not
     solver = solvers.LSTSQ(rtol=1e-13) if method == "gif" else solvers.CG(rtol=1e-13)

@@ -10,23 +10,13 @@ import pytest
 
 import gifjax
 from gifjax import masks, solvers
-from conftest import RTOL, make_problem, rel_err
+from conftest import RTOL, dense_estimate, make_problem, rel_err
 
 
 def dense_delta(problem, g_flat, method, idx):
     """Δ from the definitions, on the dense damped Hessian (float64 oracle)."""
     H = np.asarray(problem.hessian, np.float64) + problem.damping * np.eye(problem.hessian.shape[0])
-    g = np.asarray(g_flat, np.float64)
-    out = np.zeros_like(g)
-    if method == "if":
-        return np.linalg.solve(H, g)
-    if method == "pif":
-        out[idx] = np.linalg.solve(H, g)[idx]
-    elif method == "fif":
-        out[idx] = np.linalg.solve(H[np.ix_(idx, idx)], g[idx])
-    else:  # gif: argmin over x supported on idx of ‖H x − g‖
-        out[idx] = np.linalg.lstsq(H[:, idx], g, rcond=None)[0]
-    return out
+    return dense_estimate(H, g_flat, method, idx)
 
 
 def removal_grad(problem):
