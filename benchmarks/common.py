@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import platform
 import statistics
@@ -11,7 +12,9 @@ import time
 import jax
 import numpy as np
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+# Where results go; GIFJAX_BENCH_RESULTS overrides it (benchmarks.run --results, the tests).
+RESULTS = pathlib.Path(os.environ.get("GIFJAX_BENCH_RESULTS")
+                       or pathlib.Path(__file__).resolve().parent / "results")
 
 
 def median_time(fn, *args, warmup: int = 3, reps: int = 20) -> float:
@@ -24,6 +27,20 @@ def median_time(fn, *args, warmup: int = 3, reps: int = 20) -> float:
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def median_seconds(fn, *, warmup: int = 1, reps: int = 5) -> tuple[float, object]:
+    """Median wall time of ``fn()`` after ``warmup`` calls, for any framework (``fn`` must
+    finish its work before returning); also returns the last result."""
+    result = None
+    for _ in range(warmup):
+        result = fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), result
 
 
 def environment() -> dict:

@@ -7,7 +7,8 @@ Writes benchmarks/results/selection.json with
 * the wall time of scores + mask (activation and gradient scores) relative to
   one jitted gradient of the loss on the same batch (medians after warm-up).
 
-Run: python benchmarks/selection_bench.py [--batch 128] [--repeats 30]
+Run: python -m benchmarks.selection_bench [--quick] [--batch 128] [--repeats 30]
+(``--quick``: 5 repeats). Also writes results/selection.md (a table of the same numbers).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import pathlib
 import platform
 import statistics
+import sys
 import time
 
 import flax.linen as nn
@@ -25,6 +27,11 @@ import jax.numpy as jnp
 
 import gifjax.masks
 import gifjax.selection as sel
+
+if __package__ in (None, ""):  # run as a file: make `benchmarks` importable
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import RESULTS, table  # noqa: E402
 
 RATIOS = (0.02, 0.05, 0.1, 0.2, 0.3, 0.5)
 
@@ -50,12 +57,16 @@ def median_seconds(fn, repeats: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "selection.json"))
-    args = parser.parse_args()
+    parser.add_argument("--repeats", type=int, default=None, help="timing repeats (default 30; 5 with --quick)")
+    parser.add_argument("--quick", action="store_true", help="5 timing repeats")
+    parser.add_argument("--out", default=str(RESULTS / "selection.json"),
+                        help="JSON path; the Markdown table goes next to it (.md)")
+    args = parser.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = 5 if args.quick else 30
 
     kx, ky, kp = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, (args.batch, 28, 28, 1))
@@ -120,6 +131,7 @@ def main():
         "timing": timing,
         "mask_ratio_for_timing": 0.05,
         "repeats": args.repeats,
+        "quick": args.quick,
         "backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
         "jax": jax.__version__,
@@ -128,9 +140,26 @@ def main():
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
+    out.with_suffix(".md").write_text(markdown(result) + "\n")
     for f in fractions:
         print(f"ratio {f['ratio']:.2f}: selected {f['selected_fraction']:.4f} ({f['selected']}/{f['total']})")
     print(json.dumps(timing, indent=2))
+
+
+def markdown(result: dict) -> str:
+    frac = table(["requested ratio", "selected fraction", "selected / total"],
+                 [[f["ratio"], f["selected_fraction"], f"{f['selected']} / {f['total']}"]
+                  for f in result["fractions"]])
+    t = result["timing"]
+    timing = table(["scores", "scores ms", "scores + mask ms", "scores ÷ grad", "scores + mask ÷ grad"],
+                   [[kind, t[kind]["scores_s"] * 1e3, t[kind]["scores_plus_mask_s"] * 1e3,
+                     t[kind]["scores_over_grad"], t[kind]["scores_plus_mask_over_grad"]]
+                    for kind in ("gradient", "activation")])
+    return (f"### Selection: selected vs requested fraction ({result['rule']})\n\n{frac}\n\n"
+            f"### Scores + mask (ratio {result['mask_ratio_for_timing']:g}) vs one jitted gradient "
+            f"({t['jitted_grad_s'] * 1e3:.3g} ms), batch {result['batch']}, median of "
+            f"{result['repeats']}\n\n{timing}\n\n{result['model']}, {result['parameters']:,} "
+            f"parameters, {result['backend']}.")
 
 
 if __name__ == "__main__":

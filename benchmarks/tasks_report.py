@@ -215,7 +215,7 @@ def render(payload: dict) -> str:
     return "\n".join(md)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--class", dest="removed_class", type=int, default=0)
@@ -225,7 +225,7 @@ def main():
     parser.add_argument("--no-backdoor", action="store_true")
     parser.add_argument("--render", action="store_true",
                         help="only rewrite tasks.md from an existing results/tasks.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.render:
         payload = json.loads((RESULTS / "tasks.json").read_text())
         payload.pop("environment")  # write() adds the current one; the run's is kept below

@@ -1,0 +1,126 @@
+"""The benchmark entry point and the peer benchmark's skip path (no heavy compute)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+import textwrap
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `benchmarks` is a folder of scripts, not an installed package
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import run  # noqa: E402
+
+FAKE_OK = """
+import os, pathlib, sys
+out = pathlib.Path(os.environ["GIFJAX_BENCH_RESULTS"])
+print("tiny benchmark says hello", flush=True)
+(out / "tiny.md").write_text("### tiny\\n\\nargs: " + " ".join(sys.argv[1:]) + "\\n")
+(out / "tiny.json").write_text('{"quick": %s}' % ("true" if "--quick" in sys.argv else "false"))
+"""
+FAKE_FAIL = """
+print("about to fail", flush=True)
+raise SystemExit(3)
+"""
+
+
+@pytest.fixture
+def fakes(tmp_path, monkeypatch):
+    """Two tiny benchmark modules on the path, a missing one, and a results folder."""
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "fake_tiny_bench.py").write_text(textwrap.dedent(FAKE_OK))
+    (pkg / "fake_failing_bench.py").write_text(textwrap.dedent(FAKE_FAIL))
+    monkeypatch.syspath_prepend(str(pkg))
+    monkeypatch.setenv("PYTHONPATH", str(pkg))
+    monkeypatch.setattr(run, "BENCHMARKS", [
+        run.Benchmark("tiny", "fake_tiny_bench", ("tiny",)),
+        run.Benchmark("boom", "fake_failing_bench", ("boom",)),
+        run.Benchmark("absent", "fake_absent_bench_xyz", ("absent",)),
+        run.Benchmark("other", "fake_tiny_bench", ("other",)),
+    ])
+    out = tmp_path / "results"
+    return out
+
+
+def test_list_shows_the_real_plan_in_order(capsys):
+    assert run.main(["--list", "--quick"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    names = [b.name for b in run.BENCHMARKS]
+    assert names[:3] == ["core", "selection_bench", "lowrank"] and names[-1] == "peer"
+    assert len(lines) == len(names)
+    for line, name in zip(lines, names):
+        assert line.startswith(f"python -m benchmarks.{name} --quick")
+
+
+def test_only_rejects_unknown_names():
+    with pytest.raises(SystemExit, match="unknown benchmark"):
+        run.main(["--list", "--only", "core,nope"])
+
+
+def test_only_runs_selected_continues_past_failure_and_summarises(fakes, capfd):
+    code = run.main(["--quick", "--only", "absent,boom,tiny", "--results", str(fakes), "--no-plots"])
+    assert code == 1  # boom failed
+    printed = capfd.readouterr().out
+    assert "tiny benchmark says hello" in printed and "about to fail" in printed  # streamed
+    assert "not found" in printed
+    record = json.loads((fakes / "run.json").read_text())
+    status = {r["name"]: r for r in record["benchmarks"]}
+    assert [r["name"] for r in record["benchmarks"]] == ["tiny", "boom", "absent"]  # fixed order
+    assert status["tiny"]["status"] == "ok" and status["tiny"]["returncode"] == 0
+    assert status["boom"]["status"] == "failed" and status["boom"]["returncode"] == 3
+    assert "about to fail" in status["boom"]["output_tail"]
+    assert status["absent"]["status"] == "missing"
+    assert "other" not in status and record["failed"] == ["boom"]
+    assert all(r["seconds"] >= 0 for r in record["benchmarks"])
+    assert (fakes / "tiny.md").read_text().strip().endswith("args: --quick")
+    summary = (fakes / "SUMMARY.md").read_text()
+    assert "## tiny (`tiny.md`, --quick)" in summary and "args: --quick" in summary
+    assert "| boom |" in summary and "No results yet for: boom, absent, other." in summary
+
+
+def test_summary_from_fixture_markdown(tmp_path, monkeypatch):
+    monkeypatch.setattr(run, "BENCHMARKS", [run.Benchmark("a", "x", ("a",)),
+                                            run.Benchmark("t", "y", ("t", "t_quick")),
+                                            run.Benchmark("t_x", "z", ("t_x",))])
+    (tmp_path / "a.md").write_text("### A table\n\n| x |\n|---|\n| 1 |\n")
+    (tmp_path / "a.json").write_text(json.dumps({"environment": {"time": "2026-01-01 00:00:00"}}))
+    (tmp_path / "t_quick.md").write_text("quick tasks\n")
+    (tmp_path / "a_plot.png").write_bytes(b"png")
+    (tmp_path / "t_x_plot.png").write_bytes(b"png")  # belongs to t_x, not to t
+    path = run.summary(tmp_path)
+    text = path.read_text()
+    assert text.index("## a (`a.md`, 2026-01-01 00:00:00)") < text.index("## t (`t_quick.md`)")
+    assert "| 1 |" in text and "quick tasks" in text and "![a_plot](a_plot.png)" in text
+    assert "t_x_plot" not in text and "No results yet for: t_x." in text
+
+
+def test_plots_from_result_json(tmp_path):
+    pytest.importorskip("matplotlib")
+    core = {"quick": True, "gif_hvp_counts": {m: {s: {"hvps": h, "converged": s != "richardson"}
+                                                  for s, h in (("lstsq", 10), ("cg_normal", 9),
+                                                               ("richardson", 200))}
+                                              for m in ("0.05", "0.20")},
+            "hvp_cost": {"mlp": {"params": 5, "masked_hvp_over_grad": 2.0, "loop_product_over_grad": 1.4}}}
+    (tmp_path / "core.json").write_text(json.dumps(core))
+    (tmp_path / "peer.json").write_text(json.dumps({"skipped": True}))
+    written = {p.name for p in run.plots(tmp_path)}
+    assert written == {"core_hvps.png", "core_hvp_cost.png"}
+    assert (tmp_path / "core_hvps.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_peer_skips_cleanly_without_pydvl(tmp_path, monkeypatch, capsys):
+    from benchmarks import common, peer
+
+    monkeypatch.setitem(sys.modules, "pydvl", None)  # `import pydvl` now raises ImportError
+    monkeypatch.setitem(sys.modules, "torch", None)
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    assert peer.main([]) == 0
+    assert "skipped" in capsys.readouterr().out
+    payload = json.loads((tmp_path / "peer.json").read_text())
+    assert payload["skipped"] is True and "torch" in payload["reason"]
+    assert "skipped" in (tmp_path / "peer.md").read_text()
