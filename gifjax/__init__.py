@@ -6,6 +6,7 @@ Pure functions over pytrees. The core (``hvp`` → operators → ``solvers`` →
 
 from . import lowrank as lowrank
 from . import masks as masks
+from . import parallel as parallel
 from . import selection as selection
 from . import solvers as solvers
 from . import sweep as sweep
@@ -18,6 +19,7 @@ from .curvature import hvp as hvp
 from .curvature import linearize_ggn as linearize_ggn
 from .curvature import linearize_hvp as linearize_hvp
 from .curvature import masked_hvp as masked_hvp
+from .curvature import mixed_precision as mixed_precision
 from .group import GroupInfluence as GroupInfluence
 from .group import group_influence as group_influence
 from .influence import METHODS as METHODS

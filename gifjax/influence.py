@@ -188,18 +188,19 @@ def _resolve_damping(damping, H, params, method, mask):
     return damping.fraction * jnp.maximum(trace, 0) / count
 
 
-def _operator(fn, loss_fn, params, args, method, mask, damping, curvature, chunk_size, sample_size=None):
+def _operator(fn, loss_fn, params, args, method, mask, damping, curvature, chunk_size, sample_size=None,
+              axis_name=None):
     """The damped curvature operator of ``method`` and the λ it uses (inputs checked)."""
     _check_damping(fn, damping)
     _check_curvature(fn, curvature, chunk_size)
     H = curvature_operator(loss_fn, params, *args, curvature=curvature, chunk_size=chunk_size,
-                           sample_size=sample_size)
+                           sample_size=sample_size, axis_name=axis_name)
     lam = _resolve_damping(damping, H, params, method, mask)
     return (lambda v, **kw: _curv._damp(H(v, **kw), v, lam)), lam
 
 
 def resolve_damping(loss_fn: Callable, params, *args, damping, method: str = "if", mask=None,
-                    curvature="hessian", chunk_size: int | None = None):
+                    curvature="hessian", chunk_size: int | None = None, axis_name: str | None = None):
     """The damping λ an estimator will use: ``damping`` itself, or :class:`AutoDamping` resolved.
 
     Arguments as in :func:`influence`. Resolve once and pass the number when
@@ -210,25 +211,28 @@ def resolve_damping(loss_fn: Callable, params, *args, damping, method: str = "if
     _checks.check_choice(fn, "method", method, METHODS)
     mask = _masks.validate(mask, params, fn=fn)
     return jnp.asarray(_operator(fn, loss_fn, params, args, method, mask, damping, curvature,
-                                 chunk_size)[1])
+                                 chunk_size, axis_name=axis_name)[1])
 
 
 def curvature_operator(loss_fn: Callable, params, *args, curvature="hessian", damping=0.0,
-                       chunk_size: int | None = None, sample_size: int | None = None):
+                       chunk_size: int | None = None, sample_size: int | None = None,
+                       axis_name: str | None = None):
     """The operator ``v ↦ (C + λI) v`` with C the Hessian (default) or a :class:`gifjax.GGN`.
 
     ``curvature="hessian"`` is :func:`hessian_operator`; a GGN spec is
     linearised once (:func:`gifjax.linearize_ggn`; ``chunk_size`` is not
-    supported) and honours ``sample_size`` like the Hessian operator.
+    supported) and honours ``sample_size`` and ``axis_name`` like the
+    Hessian operator.
     """
     fn = "curvature_operator"
     _check_curvature(fn, curvature, chunk_size)
     if isinstance(curvature, str):
         return hessian_operator(loss_fn, params, *args, damping=damping, chunk_size=chunk_size,
-                                sample_size=sample_size)
-    full = _curv.linearize_ggn(curvature, params, *args, damping=damping)
-    sample = lambda v, *sub: _curv.ggn_product(curvature, params, v, *sub, damping=damping)
-    return _minibatch_operator(fn, full, sample, args, sample_size)
+                                sample_size=sample_size, axis_name=axis_name)
+    full = _curv.linearize_ggn(curvature, params, *args)
+    sample = lambda v, *sub: _curv.ggn_product(curvature, params, v, *sub)
+    op = _minibatch_operator(fn, full, sample, args, sample_size)
+    return _reduce_and_damp(fn, op, damping, axis_name)
 
 
 def _minibatch_operator(fn, full, product, args, sample_size):
@@ -246,26 +250,61 @@ def _minibatch_operator(fn, full, product, args, sample_size):
     return op
 
 
+def _reduce_and_damp(fn, op, damping, axis_name):
+    """v ↦ pmean_d(C_d v) + λv: the data-parallel mean of the *undamped* products, then λ.
+
+    The reduction acts on the product's output only (nothing is
+    differentiated through the collective); λ is added once, after it.
+    """
+    _checks.check_nonnegative(fn, "damping", damping)
+    if axis_name is not None:
+        local = op
+        op = lambda v, **kw: jax.lax.pmean(local(v, **kw), axis_name)
+    if isinstance(damping, (int, float)) and damping == 0:
+        return op
+    return lambda v, **kw: _curv._damp(op(v, **kw), v, damping)
+
+
 def hessian_operator(loss_fn: Callable, params, *args, damping=0.0, chunk_size: int | None = None,
-                     sample_size: int | None = None):
-    """The curvature operator ``v ↦ (H + λI) v`` used by the estimators.
+                     sample_size: int | None = None, axis_name: str | None = None):
+    r"""The curvature operator ``v ↦ (H + λI) v`` used by the estimators.
 
     Linearised once at ``params`` (:func:`gifjax.linearize_hvp`), or, with
     ``chunk_size``, averaged over fixed-size chunks of ``args``
     (:func:`gifjax.batched_hvp`). With ``sample_size`` the operator also
     accepts ``key=``: ``op(v, key=k)`` uses a random minibatch of that many
     examples of ``args`` (stochastic LiSSA); ``op(v)`` stays the full one.
+
+    Data parallelism: with ``axis_name`` (a mapped axis of an enclosing
+    ``jax.shard_map``, ``pmap`` or named ``vmap``; static), ``args`` is this device's shard
+    of the batch and every product — full and minibatch — becomes
+
+        H v = pmean_d(H_d v) + λv = (1/D) Σ_d ∇²loss_fn(θ, *args_d) v + λv,
+
+    the mean over the D devices of the local products, with λ added once
+    after the reduction (the collective acts on the product's output only;
+    nothing is differentiated through it). This is the global Hessian of
+    the mean loss only if ``loss_fn`` is the *mean* over the local batch and
+    every shard has the same number of examples (a regulariser in
+    ``loss_fn`` is then averaged over identical copies: unchanged). With
+    ``sample_size`` each device draws its own ``sample_size`` examples from
+    its shard (same key), a global minibatch of D·``sample_size``. Every
+    device on the axis must run the same sequence of products (solvers do:
+    their decisions depend only on reduced, identical values).
+    See :mod:`gifjax.parallel` for ready-made sharded estimators.
     """
+    fn = "hessian_operator"
     if chunk_size is not None:
-        full = _curv.batched_hvp_fn(loss_fn, params, *args, chunk_size=chunk_size, damping=damping)
+        full = _curv.batched_hvp_fn(loss_fn, params, *args, chunk_size=chunk_size)
     else:
-        full = _curv.linearize_hvp(loss_fn, params, *args, damping=damping)
-    sample = lambda v, *sub: _curv.hvp(loss_fn, params, v, *sub, damping=damping)
-    return _minibatch_operator("hessian_operator", full, sample, args, sample_size)
+        full = _curv.linearize_hvp(loss_fn, params, *args)
+    sample = lambda v, *sub: _curv.hvp(loss_fn, params, v, *sub)
+    op = _minibatch_operator(fn, full, sample, args, sample_size)
+    return _reduce_and_damp(fn, op, damping, axis_name)
 
 
 def _setup(fn, loss_fn, params, args, mask, method, solver, damping, chunk_size,
-           curvature="hessian", adjoint=False):
+           curvature="hessian", adjoint=False, axis_name=None):
     """Checked inputs → (solver, mask, damped operator, λ)."""
     _checks.check_choice(fn, "method", method, METHODS)
     _check_damping(fn, damping)
@@ -279,7 +318,7 @@ def _setup(fn, loss_fn, params, args, mask, method, solver, damping, chunk_size,
         return solver, mask, _lowrank.no_operator, lam
     sample = solver.batch_size if isinstance(solver, _solvers.LiSSA) else None
     H, lam = _operator(fn, loss_fn, params, args, method, mask, damping, curvature, chunk_size,
-                       sample)
+                       sample, axis_name)
     return solver, mask, H, lam
 
 
@@ -337,7 +376,7 @@ def removal_gradient(loss_fn: Callable, params, *removed, num_train: int):
 
 def influence(loss_fn: Callable, params, g, *args, mask=None, method: str = "gif",
               solver="auto", damping=0.0, chunk_size: int | None = None,
-              curvature="hessian") -> Influence:
+              curvature="hessian", axis_name: str | None = None) -> Influence:
     r"""Parameter change Δ that removes the data behind ``g`` (IF / PIF / FIF / GIF).
 
     Args:
@@ -359,6 +398,10 @@ def influence(loss_fn: Callable, params, g, *args, mask=None, method: str = "gif
         examples of ``args`` (all leaves batched), bounding memory.
       curvature: ``"hessian"`` (default) or ``gifjax.GGN(apply_fn,
         output_loss)`` for the PSD Gauss–Newton matrix (static).
+      axis_name: data parallelism inside ``jax.shard_map`` (static): ``args``
+        is this device's equal-sized shard, ``loss_fn`` its mean, and every
+        curvature product is ``pmean`` ed over this axis before damping
+        (see :func:`hessian_operator`; ready-made: :mod:`gifjax.parallel`).
 
     Returns:
       :class:`Influence` with ``delta`` and the solver's diagnostics.
@@ -381,7 +424,7 @@ def influence(loss_fn: Callable, params, g, *args, mask=None, method: str = "gif
     fn = "influence"
     _checks.check_like(fn, "g", g, params)
     solver, mask, H, lam = _setup(fn, loss_fn, params, args, mask, method, solver, damping,
-                                  chunk_size, curvature)
+                                  chunk_size, curvature, axis_name=axis_name)
     prob = _problem(method, H, mask, adjoint=False)
     sol = solver(prob.matvec, prob.rhs(g), rmatvec=prob.rmatvec, form=prob.form)
     return Influence(prob.post(sol.value), sol, jnp.asarray(lam))
@@ -389,7 +432,7 @@ def influence(loss_fn: Callable, params, g, *args, mask=None, method: str = "gif
 
 def adjoint_solve(loss_fn: Callable, params, test_grad, *args, mask=None, method: str = "if",
                   solver="auto", damping=0.0, chunk_size: int | None = None,
-                  curvature="hessian") -> _solvers.Solution:
+                  curvature="hessian", axis_name: str | None = None) -> _solvers.Solution:
     """s with ``test_gradᵀ Δ(g) = sᵀ g`` for every g — the one solve per test point.
 
     ``value`` is s: H_λ⁻¹∇ (if), H_λ⁻¹P∇ (pif), (P H_λ P)⁺P∇ (fif), and
@@ -401,7 +444,7 @@ def adjoint_solve(loss_fn: Callable, params, test_grad, *args, mask=None, method
     fn = "adjoint_solve"
     _checks.check_like(fn, "test_grad", test_grad, params)
     solver, mask, H, _ = _setup(fn, loss_fn, params, args, mask, method, solver, damping,
-                                chunk_size, curvature, adjoint=True)
+                                chunk_size, curvature, adjoint=True, axis_name=axis_name)
     prob = _problem(method, H, mask, adjoint=True)
     sol = solver(prob.matvec, prob.rhs(test_grad), rmatvec=prob.rmatvec, form=prob.form)
     return sol._replace(value=prob.post(sol.value))
@@ -419,7 +462,7 @@ def influence_scores(loss_fn: Callable, params, example_loss_fn: Callable, train
                      test_examples, *args, mask=None, method: str = "if", solver="auto",
                      damping=0.0, chunk_size: int | None = None, test_chunk_size: int = 16,
                      train_chunk_size: int = 256, return_info: bool = False,
-                     curvature="hessian"):
+                     curvature="hessian", axis_name: str | None = None):
     r"""Influence of each training example on each test example, [n_train, n_test].
 
         I[i, j] = −∇ℓ(test_j)ᵀ Δ(∇ℓ(train_i)),
@@ -445,6 +488,11 @@ def influence_scores(loss_fn: Callable, params, example_loss_fn: Callable, train
       train_examples, test_examples: pytrees with a leading batch axis.
       return_info: also return the per-test :class:`~gifjax.solvers.Solution`
         (as :class:`Scores`) — check ``converged`` on real models.
+      axis_name: inside ``jax.shard_map``, the axis over which ``args`` (the
+        Hessian batch) is sharded; curvature products are ``pmean`` ed over
+        it (see :func:`hessian_operator`). The training and test examples
+        stay this device's own: the result is their local block.
+        :func:`gifjax.parallel.influence_scores` does the sharding for you.
 
     Example:
       >>> import jax, jax.numpy as jnp, gifjax
@@ -459,12 +507,12 @@ def influence_scores(loss_fn: Callable, params, example_loss_fn: Callable, train
     _checks.check_choice(fn, "method", method, METHODS)
     grad_fn = jax.vmap(jax.grad(example_loss_fn), in_axes=(None, 0))
     lam = _shared_damping(fn, loss_fn, params, args, mask, method, solver, damping, chunk_size,
-                          curvature)
+                          curvature, axis_name)
 
     def solve_chunk(chunk):
         return jax.vmap(lambda tg: adjoint_solve(
-            loss_fn, params, tg, *args, mask=mask, method=method, solver=solver,
-            damping=lam, chunk_size=chunk_size, curvature=curvature))(grad_fn(params, chunk))
+            loss_fn, params, tg, *args, mask=mask, method=method, solver=solver, damping=lam,
+            chunk_size=chunk_size, curvature=curvature, axis_name=axis_name))(grad_fn(params, chunk))
 
     sols = map_in_chunks(solve_chunk, test_examples, test_chunk_size, caller=fn, arg="test_examples")
     S = sols.value  # pytree with leading n_test axis
@@ -484,7 +532,8 @@ def influence_scores(loss_fn: Callable, params, example_loss_fn: Callable, train
     return Scores(scores, sols, jnp.asarray(lam))
 
 
-def _shared_damping(fn, loss_fn, params, args, mask, method, solver, damping, chunk_size, curvature):
+def _shared_damping(fn, loss_fn, params, args, mask, method, solver, damping, chunk_size, curvature,
+                    axis_name=None):
     """Resolve :class:`AutoDamping` once for many solves (else pass ``damping`` through)."""
     _checks.check_choice(fn, "method", method, METHODS)
     if isinstance(solver, _lowrank.LowRank):
@@ -492,29 +541,32 @@ def _shared_damping(fn, loss_fn, params, args, mask, method, solver, damping, ch
     if not isinstance(damping, AutoDamping) or isinstance(solver, _lowrank.LowRank):
         return damping
     mask = _masks.validate(mask, params, fn=fn)
-    return _operator(fn, loss_fn, params, args, method, mask, damping, curvature, chunk_size)[1]
+    return _operator(fn, loss_fn, params, args, method, mask, damping, curvature, chunk_size,
+                     axis_name=axis_name)[1]
 
 
 def self_influence(loss_fn: Callable, params, example_loss_fn: Callable, examples, *args,
                    mask=None, method: str = "if", solver="auto", damping=0.0,
                    chunk_size: int | None = None, example_chunk_size: int = 16,
-                   curvature="hessian"):
+                   curvature="hessian", axis_name: str | None = None):
     """Self-influence I[i, i] = −∇ℓ(z_i)ᵀ Δ(∇ℓ(z_i)) for each example, shape [n].
 
     One solve per example (unavoidable). With the upweighting sign I[i, i] ≤ 0
     for positive-definite H; −I[i, i] = ∇ℓᵀH⁻¹∇ℓ (for IF) is large for
     atypical or mislabelled points — rank by it. Arguments as in
-    :func:`influence_scores`.
+    :func:`influence_scores` (with ``axis_name``, ``examples`` are this
+    device's own).
     """
     fn = "self_influence"
     grad_fn = jax.grad(example_loss_fn)
     lam = _shared_damping(fn, loss_fn, params, args, mask, method, solver, damping, chunk_size,
-                          curvature)
+                          curvature, axis_name)
 
     def one(example):
         gi = grad_fn(params, example)
         s = adjoint_solve(loss_fn, params, gi, *args, mask=mask, method=method, solver=solver,
-                          damping=lam, chunk_size=chunk_size, curvature=curvature).value
+                          damping=lam, chunk_size=chunk_size, curvature=curvature,
+                          axis_name=axis_name).value
         return -_tree.vdot(s, gi)
 
     return map_in_chunks(jax.vmap(one), examples, example_chunk_size, caller=fn, arg="examples")

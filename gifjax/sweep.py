@@ -15,12 +15,17 @@ loss j by ≈ −I[i, j] / n), but consumes the training set chunk by chunk:
   masked, so **one compiled chunk function** serves the whole sweep;
 * per test point the top-k most positive and most negative training
   examples are kept incrementally; the full [N, n_test] matrix only with
-  ``keep_full=True``. Peak memory does not grow with N;
+  ``keep_full=True``. Memory does not grow with N: ``benchmarks/memory.py``
+  measures the same peak RSS for N = 1,000 and 50,000 (see
+  :func:`score_stream` for what a memmap adds);
 * with ``out_dir`` every finished chunk is written atomically (temporary
-  file in the same directory, then ``os.replace``) next to a JSON manifest
-  of the configuration. Rerunning skips finished chunks and returns
-  bit-identical results; a directory written by a different configuration
-  is refused with an error, never mixed;
+  file in the same directory, fsync, ``os.replace``, fsync of the
+  directory) next to a JSON manifest of the configuration. Rerunning skips
+  finished chunks and returns bit-identical results, also after the
+  process was killed outright, with no chance to clean up (tested with
+  SIGKILL);
+  a directory written by a different configuration is refused with an
+  error, never mixed;
 * a tqdm bar over chunks on stderr (``progress=False`` turns it off; it is
   also off when tqdm, the ``progress`` extra, is not installed) and/or a
   ``callback(chunk_index, num_chunks)``.
@@ -165,6 +170,21 @@ def _write_atomic(path, write):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    _fsync_dir(d)
+
+
+def _fsync_dir(d):
+    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(d or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _open_dir(fn, out_dir, config):
@@ -225,7 +245,11 @@ def score_stream(loss_fn: Callable, params, example_loss_fn: Callable, train_exa
     batched gradient and a [chunk, n_test] contraction −G Sᵀ in one jitted
     function compiled once (the last chunk is padded by repeating its last
     example and the padding dropped). Memory is O(train_chunk_size · n_test
-    + n_test · (p + k)), independent of N unless ``keep_full``.
+    + n_test · (p + k)), independent of N unless ``keep_full``. A numpy
+    memmap is read one chunk at a time, but the pages read stay mapped and
+    count in the process's RSS as (clean, reclaimable) file cache, up to the
+    file's size; to keep RSS itself flat, pass a generator that reads each
+    chunk (e.g. ``numpy.fromfile`` with an offset) instead.
 
     Resuming: with ``out_dir`` each finished chunk's block is saved as
     ``chunk_{index:06d}.npz`` (written to a temporary file, then
@@ -236,7 +260,12 @@ def score_stream(loss_fn: Callable, params, example_loss_fn: Callable, train_exa
     with the same configuration loads finished chunks instead of computing
     them and returns bit-identical results; a different configuration in
     that directory raises ``ValueError``. Put anything the fingerprint
-    cannot see (e.g. a dataset version) into ``config_id``.
+    cannot see (e.g. a dataset version, or ``gifjax.mixed_precision`` —
+    though its solutions' hash already differs) into ``config_id``. A
+    process killed at any point leaves only finished chunks and, if it died
+    inside a write, one ``.tmp_*.part`` file, which is never read as a chunk
+    (delete it at leisure; it is left alone because another process may
+    still be writing it).
 
     Args:
       loss_fn, params, *args, mask, method, solver, damping, chunk_size,

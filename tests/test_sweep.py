@@ -1,6 +1,10 @@
 """Streaming, resumable influence sweeps (gifjax.sweep) against the dense score matrix."""
 
 import os
+import signal
+import subprocess
+import sys
+import textwrap
 from typing import NamedTuple
 
 import jax
@@ -172,6 +176,42 @@ def test_resume_after_interruption_is_bit_identical(prob, tmp_path):
     again = run(prob, keep_full=True, top_k=4, out_dir=d)  # all done: nothing to compute
     assert again.computed_chunks == ()
     assert np.array_equal(again.scores, reference.scores)
+
+
+_KILLED_RUN = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, sys.argv[2])
+    import test_sweep as t
+
+    def die(i, n):  # chunk i is final (written, merged): die now, no cleanup, no finally
+        if i == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    t.run(t.make(), keep_full=True, top_k=4, out_dir=sys.argv[1], callback=die)
+    sys.exit("not killed")
+""")
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
+def test_resume_after_sigkill_is_bit_identical(prob, tmp_path):
+    d = tmp_path / "sweep"
+    here = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run([sys.executable, "-c", _KILLED_RUN, str(d), here], env=dict(os.environ),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    # exactly the finished chunks and the manifest: no temporary file survives a kill between
+    # chunks, and nothing else could be taken for a chunk
+    assert sorted(os.listdir(d)) == [f"chunk_{i:06d}.npz" for i in range(3)] + [sweep.MANIFEST]
+    # a writer killed mid-write leaves only a ".tmp_*.part" file; a rerun must ignore it
+    (d / ".tmp_killed_mid_write.part").write_bytes(b"PK\x03\x04 truncated")
+
+    resumed = run(prob, keep_full=True, top_k=4, out_dir=d)  # a new process, as after a real kill
+    assert resumed.computed_chunks == (3, 4)  # only the missing chunks
+    reference = run(prob, keep_full=True, top_k=4)  # uninterrupted, no out_dir
+    for field in ("scores", "top_indices", "top_scores", "bottom_indices", "bottom_scores"):
+        assert np.array_equal(getattr(resumed, field), getattr(reference, field)), field
+    assert sorted(f for f in os.listdir(d) if f.startswith("chunk_")) == [
+        f"chunk_{i:06d}.npz" for i in range(5)]
 
 
 def test_changed_configuration_is_refused(prob, tmp_path):
