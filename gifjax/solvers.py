@@ -148,8 +148,17 @@ class Solver:
         return sol._replace(value=At(sol.value), num_matvecs=2 * sol.num_matvecs + 1)
 
 
-def _tolerance(rtol, atol, rhs_norm):
-    return jnp.maximum(rtol * rhs_norm, atol)
+# Krylov recurrences cannot resolve residuals below ~eps·‖rhs‖; iterating past that
+# floor lets rounding grow components along A's null space and the iterate diverges
+# (seen with CGLS on GIF's singular H P in float32). Tolerances are raised to it.
+PRECISION_FLOOR = 16
+
+
+def _tolerance(rtol, atol, rhs_norm, *, floor: bool = False):
+    tol = jnp.maximum(rtol * rhs_norm, atol)
+    if floor:
+        tol = jnp.maximum(tol, PRECISION_FLOOR * jnp.finfo(rhs_norm.dtype).eps * rhs_norm)
+    return tol
 
 
 def _default_steps(max_steps, b):
@@ -288,7 +297,10 @@ class LSTSQ(Solver):
     * symmetric: CGLS with Aᵀ = A, i.e. the least-squares (pseudo-inverse)
       solution; robust when A is indefinite or singular, where CG breaks down.
 
-    Two matvecs per step; max_steps defaults to dim b.
+    Two matvecs per step; max_steps defaults to dim b. Tolerances below the
+    working precision are raised to 16·eps times the right-hand side's norm:
+    past that floor the recurrences lose orthogonality and, on singular
+    systems like GIF's H P, the iterate diverges instead of stalling.
     """
 
     rtol: Any = 1e-5
@@ -302,7 +314,7 @@ class LSTSQ(Solver):
         max_steps = _default_steps(self.max_steps, b)
         s0 = At(b)
         gamma0 = _tree.vdot(s0, s0)
-        tol2 = _tolerance(self.rtol, self.atol, jnp.sqrt(gamma0)) ** 2
+        tol2 = _tolerance(self.rtol, self.atol, jnp.sqrt(gamma0), floor=True) ** 2
 
         def cond(st):
             k, x, r, p, gamma, fail = st
@@ -330,7 +342,7 @@ class LSTSQ(Solver):
     def min_norm(self, A, At, b):
         max_steps = _default_steps(self.max_steps, b)
         bnorm = _tree.norm(b)
-        tol2 = _tolerance(self.rtol, self.atol, bnorm) ** 2
+        tol2 = _tolerance(self.rtol, self.atol, bnorm, floor=True) ** 2
         p0 = At(b)
 
         def cond(st):
