@@ -388,8 +388,9 @@ def mixed_precision(loss_fn, dtype=jnp.bfloat16):
       keeps falling and reports ``converged`` while the true residual stalls
       at the noise floor (digits MLP, rtol 1e-4: true residual 1.2e-2, 7e-2
       with the whole loss in bfloat16), and LSTSQ run past that floor
-      *diverges* (as it does past float32's own floor, only much sooner):
-      values up to 1e22, flagged ``max_steps`` / ``nonfinite``. Discard
+      *diverges* (its stopping floor is float32's, 16·eps, far below
+      bfloat16's noise): values up to 1e22, flagged ``max_steps`` /
+      ``nonfinite``. Discard
       unconverged solves, give GIF ``rtol`` ≳ 1e-2, and report the cost
       against a float32 run on your model — on the digits MLP
       (``benchmarks/precision.py``), bfloat16 model products change IF
