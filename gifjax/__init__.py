@@ -4,6 +4,7 @@ Pure functions over pytrees. The core (``hvp`` → operators → ``solvers`` →
 ``influence``) imports nothing from the data/model/training modules.
 """
 
+from . import evaluation as evaluation
 from . import lowrank as lowrank
 from . import masks as masks
 from . import parallel as parallel
