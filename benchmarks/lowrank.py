@@ -60,6 +60,15 @@ def train(x, y, steps):
     return model, params, loss
 
 
+def trained_digits_mlp(quick: bool):
+    """Digits split (600 or 1200 training images, the rest test) and the MLP trained on it."""
+    x_all, y_all = digits()
+    n_train = 600 if quick else 1200
+    x, y = jnp.asarray(x_all[:n_train]), jnp.asarray(y_all[:n_train])
+    x_test, y_test = jnp.asarray(x_all[n_train:]), jnp.asarray(y_all[n_train:])
+    return (x, y), (x_test, y_test), train(x, y, 300 if quick else 600)
+
+
 def rel(a, b):
     return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
 
@@ -71,11 +80,8 @@ def main(argv=None):
     quick = args.quick
     t_start = time.perf_counter()
 
-    x_all, y_all = digits()
-    n_train = 600 if quick else 1200
-    x, y = jnp.asarray(x_all[:n_train]), jnp.asarray(y_all[:n_train])
-    x_test, y_test = jnp.asarray(x_all[n_train:]), jnp.asarray(y_all[n_train:])
-    model, params, loss = train(x, y, 300 if quick else 600)
+    (x, y), (x_test, y_test), (model, params, loss) = trained_digits_mlp(quick)
+    n_train = len(y)
     logits = model.apply({"params": params}, x_test)
     test_acc = float(jnp.mean(jnp.argmax(logits, -1) == y_test))
     example_loss = lambda p, ex: loss(p, ex[0][None], ex[1][None])  # per-example loss (+ the tiny L2)

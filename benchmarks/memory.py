@@ -34,7 +34,6 @@ import json
 import os
 import pathlib
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -97,7 +96,6 @@ def _model():
 
 
 def child(n: int, source: str, workdir: str) -> dict:
-    import jax
     import jax.numpy as jnp
 
     import gifjax

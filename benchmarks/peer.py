@@ -23,7 +23,7 @@ The job (float64 throughout, on scikit-learn's 8×8 digits flattened to 64 featu
   the identical matrix (checked: both dense Hessians are compared entrywise);
 * influence: exact in both — pyDVL ``DirectInfluence`` (dense Hessian,
   ``torch.linalg.solve``) and gifjax ``influence_scores(..., method="if",
-  solver="dense")`` (dense Hessian from HVPs, ``lstsq``), with per-example loss
+  solver="dense")`` (dense Hessian from HVPs, pseudo-inverse by ``eigh``), with per-example loss
   = cross-entropy of one example (no regulariser) on both sides.
 
 Sign and layout. pyDVL's ``influences(x_test, y_test, x, y, mode="up")`` returns
@@ -255,8 +255,8 @@ def run_job(peer, name, hidden, wd, x, y, x_test, y_test, *, train_steps, reps, 
     t_gif, t_dvl = float(np.median(times["gifjax"])), float(np.median(times["pydvl"]))
     out["times_s"] = times
 
-    # where gifjax's time goes: its Dense solver is lstsq (SVD: the min-norm solution, exact
-    # for the singular masked operators of PIF/FIF/GIF); pyDVL's is torch.linalg.solve (LU)
+    # reference timings of two dense solves on the same H: lstsq (SVD, what gifjax's Dense used
+    # before it switched to eigh for symmetric systems) and LU (what pyDVL uses)
     Hj, B = jnp.asarray(H_jax), jnp.asarray(np.random.default_rng(0).normal(size=(len(H_jax), len(y_test))))
     lstsq = jax.jit(lambda A, b: jnp.linalg.lstsq(A, b)[0])
     solve = jax.jit(lambda A, b: jnp.linalg.solve(A, b))
@@ -326,12 +326,12 @@ def markdown(results: dict) -> str:
         "(pyDVL's H of the mean loss + λI with λ = wd equals gifjax's H of the objective: "
         "max |ΔH| column). Convention: pyDVL's `influences(x_test, y_test, x, y, mode=\"up\")` "
         "is P[j, i] = +∇ℓ(test_j)ᵀ H⁻¹ ∇ℓ(train_i), so I_gifjax = −P_pyDVLᵀ. gifjax's time "
-        "excludes compilation (its first call is listed). The dense solve dominates it: "
-        "gifjax's `Dense` solver is `lstsq` (SVD, exact min-norm solutions also for the "
-        "singular masked operators of PIF/FIF/GIF), pyDVL's is `torch.linalg.solve` (LU); "
-        "the last two columns time both once on gifjax's H with as many right-hand sides as "
-        "test points (compare them with each other, not with the job columns). "
-        "2 shared, heavily loaded CPU cores: single runs vary by up to 3×. "
+        "excludes compilation (its first call is listed). gifjax's `Dense` solver applies the "
+        "pseudo-inverse from an eigendecomposition of the symmetric H (exact min-norm "
+        "solutions also for the singular masked operators of PIF/FIF/GIF), pyDVL's is "
+        "`torch.linalg.solve` (LU); the last two columns time `lstsq` (SVD) and LU once on "
+        "gifjax's H with as many right-hand sides as test points, for reference. "
+        "2 shared CPU cores: single runs can vary by up to 3× under load. "
         f"Total runtime {results['runtime_s']:.0f} s.")
 
 

@@ -46,9 +46,9 @@ from scipy.stats import spearmanr
 import gifjax
 from gifjax import masks, solvers, spectrum
 
-from .common import digits, median_time, table, write
+from .common import median_time, table, write
 from .core import num_params
-from .lowrank import train
+from .lowrank import trained_digits_mlp
 
 tree_map = jax.tree_util.tree_map
 
@@ -193,11 +193,8 @@ def main(argv=None):
     quick = args.quick
     t_start = time.perf_counter()
 
-    x_all, y_all = digits()
-    n_train = 600 if quick else 1200
-    x, y = jnp.asarray(x_all[:n_train]), jnp.asarray(y_all[:n_train])
-    x_test, y_test = jnp.asarray(x_all[n_train:]), jnp.asarray(y_all[n_train:])
-    model, params, loss = train(x, y, 300 if quick else 600)
+    (x, y), (x_test, y_test), (model, params, loss) = trained_digits_mlp(quick)
+    n_train = len(y)
     variants = make_variants(model, loss)
     example_loss = lambda p, ex: loss(p, ex[0][None], ex[1][None])
     out = {"quick": quick, "params": num_params(params), "n_train": n_train}

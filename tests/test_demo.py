@@ -15,6 +15,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUMBER = r"\s+[0-9]\.[0-9]{3}"
 
 
+@pytest.mark.slow
 def test_demo_fast_mode_runs_end_to_end_and_writes_the_plot(tmp_path):
     png = tmp_path / "plots" / "demo.png"
     out = subprocess.run([sys.executable, "-m", "gifjax.demo", "--fast", "--out", str(png)],

@@ -80,6 +80,7 @@ def test_layers_are_stock_flax_dense_conv_batchnorm(name, shape, expected):
     assert found == expected | {type(model)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["vgg11", "resnet18"])
 def test_batchnorm_models_give_an_eval_mode_loss_and_an_hvp(name):
     model = models.create(name, 10, width=8)  # the full architecture, narrow

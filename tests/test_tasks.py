@@ -125,6 +125,7 @@ def test_relabel_gradient_is_the_scaled_loss_difference(trained, digits):
 # ----------------------------------------------------------------------------- class removal
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["if", "pif", "fif", "gif"])
 def test_class_removal_lowers_self_accuracy_and_reports_consistent_metrics(trained, digits, method):
     model, v = trained
@@ -152,6 +153,7 @@ def test_class_removal_lowers_self_accuracy_and_reports_consistent_metrics(train
     assert out.time_s > 0 and set(out.timings) == {"selection", "gradient", "solve", "search"}
 
 
+@pytest.mark.slow
 def test_protocols_choose_the_step_on_validation_or_on_test(trained, digits):
     model, v = trained
     held = class_removal.remove_class(model, v, digits, C, QUICK, weight_decay=WD)
@@ -193,6 +195,7 @@ def test_predictions_along_matches_moving_the_parameters_by_hand(trained, digits
 # ----------------------------------------------------------------------------- backdoor correction
 
 
+@pytest.mark.slow
 def test_backdoor_experiment_pipeline():
     ds = data.load("digits", seed=0, val_fraction=0.2, max_train=400)
     exp = backdoor.run_experiment(ds, model=models.create("mlp", 10, hidden=(32,)),
