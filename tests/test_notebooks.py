@@ -112,7 +112,7 @@ def _params():
         yield pytest.param(path, marks=marks, id=path.stem)
 
 
-@pytest.mark.parametrize("path", _params())
+@pytest.mark.parametrize("path", list(_params()))
 def test_notebook_runs(path, capsys, monkeypatch):
     import matplotlib
 
