@@ -133,7 +133,7 @@ def make_mesh(queries: int | None = None, data: int = 1, devices=None) -> Mesh:
 class _Job:
     """Static part of one sharded call (hashable: the compile-cache key)."""
 
-    kind: str                  # "scores" | "adjoint" | "influence"
+    kind: str                  # "scores" | "adjoint" | "self" | "influence"
     mesh: Mesh
     query_axis: str | None
     data_axis: str | None
@@ -178,6 +178,11 @@ def _sharded(job: _Job, params, dynamic, queries, train, args):
             return _core.map_in_chunks(jax.vmap(solve), queries, chunk,
                                        caller="parallel.adjoint_solve", arg="test_grads")
         out_specs = P(q)
+    elif job.kind == "self":
+        def body(params, dynamic, queries, train, args):
+            return _core.self_influence(job.loss_fn, params, job.example_loss_fn, queries, *args,
+                                        axis_name=d, **dynamic, **opts)
+        out_specs = P(q)
     else:
         def body(params, dynamic, queries, train, args):
             rest = {k: v for k, v in dynamic.items() if k != "g"}
@@ -194,7 +199,7 @@ def _sharded(job: _Job, params, dynamic, queries, train, args):
     layout = lambda x, spec: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
     if job.kind == "influence":
         return out
-    if job.kind == "adjoint":
+    if job.kind in ("adjoint", "self"):
         return tree_map(lambda a: layout(a[:n_q], P(even(q, n_q))), out)
     scores = out.scores if opts["return_info"] else out
     scores = layout(scores[:n_t, :n_q], P(even(d, n_t), even(q, n_q)))
@@ -333,6 +338,26 @@ def adjoint_solve(loss_fn: Callable, params, test_grads, *args, mesh: Mesh,
                 data_axis=data_axis, method=method, mask=mask, solver=solver, damping=damping,
                 queries=test_grads, queries_arg="test_grads", chunk_size=chunk_size,
                 test_chunk_size=test_chunk_size, curvature=curvature)
+
+
+def self_influence(loss_fn: Callable, params, example_loss_fn: Callable, examples, *args, mesh: Mesh,
+                   query_axis: str | None = "queries", data_axis: str | None = None, mask=None,
+                   method: str = "if", solver="auto", damping=0.0, chunk_size: int | None = None,
+                   example_chunk_size: int = 16, curvature="hessian"):
+    """Sharded :func:`gifjax.self_influence`: I[i, i] = −∇ℓ(z_i)ᵀ Δ(∇ℓ(z_i)), shape [n].
+
+    One solve per example (e.g. a mislabel sweep over the whole training
+    set): the examples are split over ``query_axis``, each device solving its
+    share in vmapped chunks of ``example_chunk_size``; with ``data_axis``
+    the Hessian batch ``*args`` is split too (products reduced as in
+    :func:`influence_scores`). Returns [n] sharded ``P(query_axis)`` when n is
+    a multiple of the axis size (replicated otherwise).
+    """
+    return _run("parallel.self_influence", "self", loss_fn, params, args, mesh=mesh,
+                query_axis=query_axis, data_axis=data_axis, method=method, mask=mask,
+                solver=solver, damping=damping, queries=examples, queries_arg="examples",
+                example_loss_fn=example_loss_fn, chunk_size=chunk_size,
+                example_chunk_size=example_chunk_size, curvature=curvature)
 
 
 def influence(loss_fn: Callable, params, g, *args, mesh: Mesh, data_axis: str = "data", mask=None,

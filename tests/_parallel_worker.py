@@ -90,7 +90,9 @@ def main(out_path):
                                                    solver=LSTSQ, method="gif", mask=mask, **common)},
             g=g, grads=jax.vmap(jax.grad(example_loss), (None, 0))(params, (x[:6], y[:6])),
             one=gifjax.influence(loss, params, g, x, y, method="gif", mask=mask, solver=LSTSQ,
-                                 damping=auto))
+                                 damping=auto),
+            self=gifjax.self_influence(loss, params, example_loss, (x[:10], y[:10]), x, y,
+                                       solver=CG, damping=DAMPING))
 
     refs = jax.tree.map(np.asarray, references(params))
     ref = refs["scores"]
@@ -125,6 +127,11 @@ def main(out_path):
                                  test_chunk_size=2)
     res["adjoint_2x4"] = {"diff": tree_rel(sol.value, jax.tree.map(lambda a: a[:6], ref["gif"].solution.value)),
                           "spec": spec(sol.value["w1"]), "converged": bool(np.all(sol.converged))}
+
+    # self-influence, 10 examples on 2 query shards (even) × 4 data shards
+    si = parallel.self_influence(loss, params, example_loss, (x[:10], y[:10]), x, y, mesh=qd,
+                                 data_axis="data", solver=CG, damping=DAMPING, example_chunk_size=2)
+    res["self_2x4"] = {"diff": rel(si, refs["self"]), "spec": spec(si)}
 
     # one Δ with a data-parallel Hessian and AutoDamping
     par = parallel.influence(loss, params, refs["g"], x, y, mesh=qd, method="gif", mask=mask,

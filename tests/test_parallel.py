@@ -86,6 +86,7 @@ def test_sharded_modes_equal_single_device(tmp_path):
         assert (r["shape"], r["spec"], r["solution_spec"], r["converged"]) == (shape, spec, sol_spec, True), (mode, r)
     assert res["adjoint_2x4"]["diff"] <= TOL and res["adjoint_2x4"]["converged"], res["adjoint_2x4"]
     assert res["adjoint_2x4"]["spec"] == "('queries',)"
+    assert res["self_2x4"]["diff"] <= TOL and res["self_2x4"]["spec"] == "('queries',)", res["self_2x4"]
     inf = res["influence_2x4"]
     assert inf["diff"] <= TOL and inf["damping_diff"] <= TOL and inf["damping"] > 0, inf
     assert inf["spec"] == "()" and inf["converged"]
