@@ -17,6 +17,20 @@ def error(fn: str, arg: str, got, expected, fix: str, kind=ValueError):
     )
 
 
+def leading_size(fn: str, arg: str, tree, *, nonempty: bool = False,
+                 fix: str = "stack the examples along axis 0, e.g. (x, y) with x.shape[0] == y.shape[0].") -> int:
+    """The one leading-axis length n shared by every array leaf of ``tree`` (checked).
+
+    ``nonempty`` also refuses n = 0.
+    """
+    leaves = jax.tree_util.tree_leaves(tree)
+    sizes = {np.shape(a)[0] if np.ndim(a) else None for a in leaves}
+    if not leaves or None in sizes or len(sizes) != 1 or (nonempty and 0 in sizes):
+        raise error(fn, arg, f"leading axes {sorted(map(str, sizes))}",
+                    "arrays sharing one leading batch axis" + (" of n >= 1" if nonempty else ""), fix)
+    return sizes.pop()
+
+
 def is_concrete(x) -> bool:
     """True when ``x`` holds values now (not a tracer inside jit/vmap)."""
     return not isinstance(x, jax.core.Tracer)

@@ -143,15 +143,8 @@ def masked_hvp(loss_fn: Callable, params, v, mask, *args, damping=0.0):
 
 def batch_size_of(fn: str, args) -> int:
     """Common leading-axis length of all array leaves of ``args`` (checked)."""
-    leaves = jax.tree_util.tree_leaves(args)
-    sizes = {jnp.shape(a)[0] if jnp.ndim(a) else None for a in leaves}
-    if not leaves or None in sizes or len(sizes) != 1:
-        raise _checks.error(
-            fn, "*args", f"leading axes {sorted(map(str, sizes))}",
-            "every array in *args to share one leading batch axis",
-            "pass only batched data in *args (close over constants in loss_fn).",
-        )
-    return sizes.pop()
+    return _checks.leading_size(fn, "*args", args,
+                                fix="pass only batched data in *args (close over constants in loss_fn).")
 
 
 def _jvp_of_grad(loss_fn, params, args):

@@ -468,16 +468,6 @@ def _dtype(params):
     return jnp.result_type(*jax.tree_util.tree_leaves(params))
 
 
-def _num_examples(fn, arg, examples):
-    leaves = jax.tree_util.tree_leaves(examples)
-    sizes = {jnp.shape(a)[0] if jnp.ndim(a) else None for a in leaves}
-    if not leaves or None in sizes or len(sizes) != 1:
-        raise _checks.error(fn, arg, f"leading axes {sorted(map(str, sizes))}",
-                            "a pytree whose arrays share one leading example axis",
-                            "pass the examples stacked along axis 0, e.g. (x_test, y_test).")
-    return sizes.pop()
-
-
 def _check_scores(fn, scores, n_test):
     """Scores as {name: [n, n_test] array} (a bare array becomes {None: it}); n shared."""
     named = scores if isinstance(scores, dict) else {None: scores}
@@ -612,7 +602,7 @@ def leave_one_out(weighted_loss_fn: Callable, params, scores, removed, example_l
     """
     fn = "evaluation.leave_one_out"
     _check_chunk(fn, chunk_size)
-    n_test = _num_examples(fn, "test_examples", test_examples)
+    n_test = _checks.leading_size(fn, "test_examples", test_examples)
     scores, n = _check_scores(fn, scores, n_test)
     removed = _check_removed(fn, removed, n)
     weights = np.ones((1 + removed.size, n), _dtype(params))
@@ -769,7 +759,7 @@ def linear_datamodeling_score(weighted_loss_fn: Callable, params, scores,
     """
     fn = "evaluation.linear_datamodeling_score"
     _check_chunk(fn, chunk_size)
-    n_test = _num_examples(fn, "test_examples", test_examples)
+    n_test = _checks.leading_size(fn, "test_examples", test_examples)
     scores, n = _check_scores(fn, scores, n_test)
     if not isinstance(num_subsets, int) or num_subsets < 2:
         raise _checks.error(fn, "num_subsets", repr(num_subsets), "an int ≥ 2",

@@ -158,8 +158,8 @@ def _sharded(job: _Job, params, dynamic, queries, train, args):
     """jit(shard_map(body)): pad queries / train, run the single-device function, trim."""
     q, d, mesh = job.query_axis, job.data_axis, job.mesh
     opts = dict(job.options)
-    n_q = 0 if queries is None else _length("parallel", "queries", queries)
-    n_t = 0 if train is None else _length("parallel", "train", train)
+    n_q = 0 if queries is None else _checks.leading_size("parallel", "queries", queries, nonempty=True)
+    n_t = 0 if train is None else _checks.leading_size("parallel", "train", train, nonempty=True)
     queries, train = _pad(queries, n_q, _size(mesh, q)), _pad(train, n_t, _size(mesh, d))
 
     if job.kind == "scores":
@@ -209,16 +209,6 @@ def _sharded(job: _Job, params, dynamic, queries, train, args):
     return _core.Scores(scores, sols, out.damping)
 
 
-def _length(fn, arg, tree) -> int:
-    """The common leading-axis length n ≥ 1 of the leaves of ``tree`` (checked)."""
-    sizes = {jnp.shape(a)[0] if jnp.ndim(a) else None for a in jax.tree_util.tree_leaves(tree)}
-    if len(sizes) != 1 or None in sizes or 0 in sizes:
-        raise _checks.error(fn, arg, f"leading axes {sorted(map(str, sizes))}",
-                            "one shared leading batch axis n >= 1 on every leaf",
-                            "stack the examples along a first axis (at least one example).")
-    return sizes.pop()
-
-
 def _run(fn, kind, loss_fn, params, args, *, mesh, query_axis, data_axis, method, mask, solver,
          damping, queries=None, queries_arg="test_examples", train=None, example_loss_fn=None,
          g=None, **options):
@@ -259,7 +249,7 @@ def _run(fn, kind, loss_fn, params, args, *, mesh, query_axis, data_axis, method
                                 "change the mean loss), or use another data-axis size.")
     for arg, tree in ((queries_arg, queries), ("train_examples", train)):
         if tree is not None:
-            _length(fn, arg, tree)
+            _checks.leading_size(fn, arg, tree, nonempty=True)
     dynamic = dict(mask=mask, solver=solver, damping=damping)
     if g is not None:
         dynamic["g"] = g

@@ -92,16 +92,6 @@ def _is_stream(x) -> bool:
     return hasattr(x, "__next__")
 
 
-def _leading(fn, arg, tree):
-    leaves = jax.tree_util.tree_leaves(tree)
-    sizes = {np.shape(a)[0] if np.ndim(a) else None for a in leaves}
-    if not leaves or None in sizes or len(sizes) != 1:
-        raise _checks.error(fn, arg, f"leading axes {sorted(map(str, sizes))}",
-                            "a pytree of arrays sharing one leading batch axis",
-                            "stack the examples along axis 0 (e.g. (X, y) with X.shape[0] == y.shape[0]).")
-    return sizes.pop()
-
-
 def _spec(tree):
     """Structure, per-example shapes and dtypes of a batched pytree (JSON-able)."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
@@ -123,14 +113,14 @@ def _chunks(fn, train_examples, chunk_size):
     if _is_stream(train_examples):
         def gen():
             for c in train_examples:
-                m = _leading(fn, "train_examples", c)
+                m = _checks.leading_size(fn, "train_examples", c)
                 if m > chunk_size:
                     raise _checks.error(fn, "train_examples", f"a chunk of {m} examples",
                                         f"chunks of at most train_chunk_size={chunk_size}",
                                         "pass train_chunk_size >= the largest chunk, or split the chunks.")
                 yield c, m
         return gen(), None
-    n = _leading(fn, "train_examples", train_examples)
+    n = _checks.leading_size(fn, "train_examples", train_examples)
     total = -(-n // chunk_size)
     return ((tree_map(lambda a: a[s:s + chunk_size], train_examples), min(chunk_size, n - s))
             for s in range(0, n, chunk_size)), total
@@ -326,7 +316,7 @@ def score_stream(loss_fn: Callable, params, example_loss_fn: Callable, train_exa
         if first is None:
             raise _checks.error(fn, "train_examples", "an empty iterator", "at least one chunk",
                                 "pass an iterator that yields at least one chunk of examples.")
-        size = train_chunk_size or _leading(fn, "train_examples", first)
+        size = train_chunk_size or _checks.leading_size(fn, "train_examples", first)
         rest = train_examples
 
         def chained():
@@ -343,7 +333,7 @@ def score_stream(loss_fn: Callable, params, example_loss_fn: Callable, train_exa
     else:
         size = train_chunk_size or 256
         hint = None
-        n = _leading(fn, "train_examples", train_examples)
+        n = _checks.leading_size(fn, "train_examples", train_examples)
         size = min(size, n)
         train_spec, num_train_known = _spec(train_examples), n
         source = train_examples
@@ -361,7 +351,7 @@ def score_stream(loss_fn: Callable, params, example_loss_fn: Callable, train_exa
     sols = map_in_chunks(solve_chunk, test_examples, test_chunk_size, caller=fn,
                               arg="test_examples")
     S = sols.value
-    n_test = _leading(fn, "test_examples", test_examples)
+    n_test = _checks.leading_size(fn, "test_examples", test_examples)
 
     @jax.jit
     def score_chunk(params, S, chunk):
