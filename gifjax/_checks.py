@@ -45,6 +45,14 @@ def check_choice(fn: str, arg: str, value, choices):
     return value
 
 
+def check_positive_int(fn: str, arg: str, value, *, example: str | None = None) -> int:
+    """``value`` must be a positive Python or NumPy integer (not a bool); returns an int."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise error(fn, arg, repr(value), "a positive int",
+                    f"pass e.g. {example or arg + '=16'}.")
+    return int(value)
+
+
 def check_nonnegative(fn: str, arg: str, value):
     """Reject negative (or non-finite) numbers when they are known in Python."""
     if value is None or not is_concrete(value):

@@ -8,6 +8,7 @@ bfloat16 on accelerators.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -64,3 +65,16 @@ def all_finite(x):
 def _result_dtype(x):
     leaves = jax.tree_util.tree_leaves(x)
     return jnp.result_type(*leaves) if leaves else jnp.float32
+
+
+def pytree_dataclass(*, static=()):
+    """Frozen dataclass registered as a pytree; ``static`` fields are metadata (hashed, not traced)."""
+
+    def wrap(cls):
+        cls = dataclasses.dataclass(frozen=True)(cls)
+        names = [f.name for f in dataclasses.fields(cls)]
+        return jax.tree_util.register_dataclass(
+            cls, data_fields=[n for n in names if n not in static], meta_fields=list(static)
+        )
+
+    return wrap

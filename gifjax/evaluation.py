@@ -70,7 +70,7 @@ import optax
 
 from . import _checks, _tree
 from . import solvers as _solvers
-from .influence import map_in_chunks as _map_in_chunks
+from ._chunks import map_in_chunks as _map_in_chunks
 
 tree_map = jax.tree_util.tree_map
 
@@ -178,7 +178,7 @@ def auc(scores, labels):
 # ----------------------------------------------------------------------------- optimisers
 
 
-@_solvers._pytree_dataclass(static=("max_steps", "cg_max_steps", "max_backtracks"))
+@_tree.pytree_dataclass(static=("max_steps", "cg_max_steps", "max_backtracks"))
 class Newton:
     r"""Newton–CG with backtracking, the default retraining optimiser of :func:`retrain`.
 
@@ -211,7 +211,7 @@ class Newton:
     max_backtracks: int = 30
 
 
-@_solvers._pytree_dataclass(static=("max_steps", "memory_size", "max_linesearch_steps"))
+@_tree.pytree_dataclass(static=("max_steps", "memory_size", "max_linesearch_steps"))
 class LBFGS:
     """``optax.lbfgs`` (zoom line search) as a retraining optimiser of :func:`retrain`.
 

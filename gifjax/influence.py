@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _checks, _tree
+from ._chunks import map_in_chunks
 from . import curvature as _curv
 from . import lowrank as _lowrank
 from . import masks as _masks
@@ -570,27 +571,3 @@ def self_influence(loss_fn: Callable, params, example_loss_fn: Callable, example
         return -_tree.vdot(s, gi)
 
     return map_in_chunks(jax.vmap(one), examples, example_chunk_size, caller=fn, arg="examples")
-
-
-def map_in_chunks(fn: Callable, xs, chunk_size: int, *, caller: str = "map_in_chunks",
-                  arg: str = "xs"):
-    """Apply a batched ``fn`` to ``xs`` (leading axis n) in fixed-size chunks.
-
-    ``fn`` maps a pytree with leading axis ``chunk_size`` to outputs with the
-    same leading axis. The chunks run under ``lax.map`` (one compile); the last
-    chunk is padded by repeating the final example, and the padding trimmed.
-    """
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise _checks.error(caller, "chunk size", repr(chunk_size), "a positive int",
-                            "pass e.g. test_chunk_size=16.")
-    n = _curv.batch_size_of(caller, (xs,)) if jax.tree_util.tree_leaves(xs) else 0
-    if n == 0:
-        raise _checks.error(caller, arg, "no examples", "a pytree with a leading batch axis n ≥ 1",
-                            "pass at least one example.")
-    chunk = min(chunk_size, n)
-    num = -(-n // chunk)
-    pad = num * chunk - n
-    padded = tree_map(lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)]) if pad else a, xs)
-    stacked = tree_map(lambda a: a.reshape((num, chunk) + a.shape[1:]), padded)
-    out = jax.lax.map(fn, stacked)
-    return tree_map(lambda a: a.reshape((num * chunk,) + a.shape[2:])[:n], out)

@@ -45,7 +45,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -105,17 +104,7 @@ def _solution(value, steps, matvecs, residual, converged, failure):
                     residual, jnp.asarray(converged), jnp.asarray(failure, jnp.int32))
 
 
-def _pytree_dataclass(*, static=()):
-    """Frozen dataclass registered as a pytree; ``static`` fields are metadata."""
-
-    def wrap(cls):
-        cls = dataclasses.dataclass(frozen=True)(cls)
-        names = [f.name for f in dataclasses.fields(cls)]
-        return jax.tree_util.register_dataclass(
-            cls, data_fields=[n for n in names if n not in static], meta_fields=list(static)
-        )
-
-    return wrap
+_pytree_dataclass = _tree.pytree_dataclass
 
 
 class Solver:
