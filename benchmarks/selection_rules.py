@@ -5,7 +5,7 @@
 For each seed (data split, initialisation, Hessian subset, random parts of
 selection): train the demo's CNN on scikit-learn's 8×8 digits, retrain it
 without class 0 (the baseline) and remove class 0 with IF on all parameters
-(``gifjax.tasks.class_removal.run_experiment``); then, on the same trained
+(``gifjax.experiments.tasks.class_removal.run_experiment``); then, on the same trained
 model, for each selection setting
 
 * highest-k, lowest-k and exclusive-k units, ranked by unit outputs and by
@@ -41,9 +41,9 @@ if __package__ in (None, ""):  # run as a file: make `benchmarks` importable
 
 from benchmarks.common import RESULTS, table, write  # noqa: E402
 from benchmarks.tasks_report import NAMES, _metrics, _pm, winner  # noqa: E402
-from gifjax import data  # noqa: E402
-from gifjax.tasks import class_removal  # noqa: E402
-from gifjax.tasks.common import TaskConfig, TrainConfig  # noqa: E402
+from gifjax.experiments import data  # noqa: E402
+from gifjax.experiments.tasks import class_removal  # noqa: E402
+from gifjax.experiments.tasks.common import TaskConfig, TrainConfig  # noqa: E402
 
 # (rule, scores); random selects individual parameters and ignores the scores.
 SETTINGS = (("highest", "outputs"), ("highest", "gradients"), ("lowest", "outputs"),

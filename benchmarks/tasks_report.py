@@ -43,9 +43,9 @@ if __package__ in (None, ""):  # run as a file: make `benchmarks` importable
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import RESULTS, table, write  # noqa: E402
-from gifjax import data, models, train  # noqa: E402
-from gifjax.tasks import backdoor, class_removal, common  # noqa: E402
-from gifjax.tasks.common import TaskConfig, TrainConfig  # noqa: E402
+from gifjax.experiments import data, models, train  # noqa: E402
+from gifjax.experiments.tasks import backdoor, class_removal, common  # noqa: E402
+from gifjax.experiments.tasks.common import TaskConfig, TrainConfig  # noqa: E402
 
 NAMES = {"if": "IF", "pif": "PIF", "fif": "FIF", "gif": "GIF"}
 

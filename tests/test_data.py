@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from gifjax import data
+from gifjax.experiments import data
 
 TFDS_SHAPES = {"mnist": (28, 28, 1), "cifar10": (32, 32, 3), "svhn": (32, 32, 3)}
 
@@ -90,7 +90,7 @@ def test_digits_max_train_and_max_test():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(name="imagenet"), r"gifjax\.data\.load: bad `name`: got 'imagenet'.*'digits'"),
+    (dict(name="imagenet"), r"gifjax\.experiments\.data\.load: bad `name`: got 'imagenet'.*'digits'"),
     (dict(val_fraction=1.0), r"data\.load: bad `val_fraction`: got 1\.0.*\[0, 1\)"),
     (dict(max_train=0), r"data\.load: bad `max_train`: got 0.*Fix: pass `max_train`"),
     (dict(max_test=2.5), r"data\.load: bad `max_test`: got 2\.5"),
@@ -101,7 +101,7 @@ def test_bad_arguments(kwargs, match):
 
 
 def test_import_is_lazy_about_tfds():
-    code = "import sys, gifjax.data; assert 'tensorflow_datasets' not in sys.modules"
+    code = "import sys, gifjax.experiments.data; assert 'tensorflow_datasets' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -178,7 +178,7 @@ def test_tfds_normalisation_gives_zero_mean_unit_std(tfds, tmp_path, name):
 
 def test_tfds_data_not_prepared_and_no_download(tfds, tmp_path):
     with pytest.raises(RuntimeError, match=(
-            r"gifjax\.data\.load: bad `name`: got 'mnist', which could not be found prepared in "
+            r"gifjax\.experiments\.data\.load: bad `name`: got 'mnist', which could not be found prepared in "
             rf"{tmp_path}.*expected a data set prepared for tfds\.data_source.*Fix:.*"
             r"data_dir=DIR.*name='digits'")):
         data.load("mnist", data_dir=str(tmp_path), download=False)

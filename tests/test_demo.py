@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from gifjax import demo
+from gifjax.experiments import demo
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUMBER = r"\s+[0-9]\.[0-9]{3}"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import gifjax
-from gifjax import models
+from gifjax.experiments import models
 
 
 def _count(tree):
@@ -160,7 +160,7 @@ def test_init_is_deterministic_by_seed():
 
 @pytest.mark.parametrize("call, error, match", [
     (lambda: models.create("vgg16", 10), ValueError,
-     r"gifjax\.models\.create: bad `name`: got 'vgg16'; expected one of \[.*'resnet18'.*Fix"),
+     r"gifjax\.experiments\.models\.create: bad `name`: got 'vgg16'; expected one of \[.*'resnet18'.*Fix"),
     (lambda: models.create("mlp", 1), ValueError,
      r"models\.create: bad `num_classes`: got 1; expected an int >= 2"),
     (lambda: models.make_loss_fn(models.create("mlp", 2), {"Dense_0": {}}), ValueError,

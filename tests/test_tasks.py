@@ -1,4 +1,4 @@
-"""Class removal and backdoor relabelling (gifjax.tasks) on a slice of the bundled digits."""
+"""Class removal and backdoor relabelling (gifjax.experiments.tasks) on a slice of the bundled digits."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gifjax import data, models, train
-from gifjax.tasks import backdoor, class_removal, common
-from gifjax.tasks import (TaskConfig, Trigger, add_trigger, apply_trigger, backdoor_metrics,
-                          checkerboard, f1, poison, removal_metrics, trigger_for)
+from gifjax.experiments import data, models, train
+from gifjax.experiments.tasks import backdoor, class_removal, common
+from gifjax.experiments.tasks import (TaskConfig, Trigger, add_trigger, apply_trigger,
+                                      backdoor_metrics, checkerboard, f1, poison,
+                                      removal_metrics, trigger_for)
 
 WD = 1e-3
 # A tiny, quick set-up: the pipeline is under test, not the method's accuracy.
@@ -215,7 +216,7 @@ def test_backdoor_experiment_pipeline():
 
 
 @pytest.mark.parametrize("config, match", [
-    (TaskConfig(method="gift"), r"gifjax\.tasks\.remove_class: bad `method`: got 'gift'; "
+    (TaskConfig(method="gift"), r"gifjax\.experiments\.tasks\.remove_class: bad `method`: got 'gift'; "
                                 r"expected one of \['fif', 'gif', 'if', 'pif'\]"),
     (TaskConfig(ratio=0.0), r"bad `ratio`: got 0\.0; expected a float in \(0, 1\]"),
     (TaskConfig(ratio=1.5), r"bad `ratio`: got 1\.5; expected a float in \(0, 1\]"),

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from gifjax import data, models, train
+from gifjax.experiments import data, models, train
 
 FAST = dict(epochs=3, batch_size=32, learning_rate=1e-2, progress=False)
 
@@ -161,7 +161,7 @@ _m = models.create("mlp", 2, hidden=(3,))
 
 @pytest.mark.parametrize("call, error, match", [
     (lambda: train.fit(_m, _x, _y[:5]), ValueError,
-     r"gifjax\.train\.fit: bad `y`: got shape \(5,\).*expected int labels of shape \(6,\)"),
+     r"gifjax\.experiments\.train\.fit: bad `y`: got shape \(5,\).*expected int labels of shape \(6,\)"),
     (lambda: train.fit(_m, _x, _y.astype(np.float32)), ValueError,
      r"train\.fit: bad `y`: got shape \(6,\), dtype float32.*astype\(np\.int32\)"),
     (lambda: train.fit(_m, _x, _y * 2), ValueError,

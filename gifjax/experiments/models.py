@@ -20,7 +20,7 @@ only matters for BatchNorm.
 BatchNorm and ``batch_stats``
 -----------------------------
 ``vgg11`` and ``resnet18`` keep BatchNorm running statistics in the
-``"batch_stats"`` collection. Training (:func:`gifjax.train.fit`) runs them
+``"batch_stats"`` collection. Training (:func:`gifjax.experiments.train.fit`) runs them
 with ``train=True`` (batch statistics, running averages updated as a mutable
 collection). Influence runs them with ``train=False`` (running averages): the
 loss is then a function of the parameters alone, per example, with no
@@ -32,7 +32,7 @@ and the per-example gradients assume. :func:`make_loss_fn` and
 Loss conventions
 ----------------
 ``loss_fn(params, x, y) = mean_i CE(f(x_i; θ), y_i) + ½·wd·‖θ‖²`` — the
-training objective of :func:`gifjax.train.fit` with the same ``weight_decay``
+training objective of :func:`gifjax.experiments.train.fit` with the same ``weight_decay``
 (the penalty is on every parameter, biases and BatchNorm scales included), so
 a trained θ̂ is a stationary point of exactly the ``loss_fn`` whose Hessian
 influence uses. ``example_loss_fn(params, (x, y))`` is the cross-entropy of
@@ -41,7 +41,7 @@ one example (no batch axis, no penalty): what
 
 Example:
   >>> import jax, jax.numpy as jnp, numpy as np
-  >>> from gifjax import models
+  >>> from gifjax.experiments import models
   >>> model = models.create("cnn", num_classes=10)
   >>> x = np.zeros((4, 8, 8, 1), np.float32); y = np.arange(4, dtype=np.int32)
   >>> variables = models.init(model, x, seed=0)
@@ -60,7 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import _checks
+from gifjax import _checks
 
 
 class MLP(nn.Module):
@@ -197,14 +197,14 @@ def create(name: str, num_classes: int, **kwargs) -> nn.Module:
       An unbound ``flax.linen.Module``; call :func:`init` for its variables.
 
     Example:
-      >>> from gifjax import models
+      >>> from gifjax.experiments import models
       >>> model = models.create("mlp", 10, hidden=(64, 64))
       >>> model.num_classes, model.hidden
       (10, (64, 64))
     """
-    _checks.check_choice("models.create", "name", name, MODELS)
+    _checks.check_choice("experiments.models.create", "name", name, MODELS)
     if not isinstance(num_classes, (int, np.integer)) or num_classes < 2:
-        raise _checks.error("models.create", "num_classes", repr(num_classes),
+        raise _checks.error("experiments.models.create", "num_classes", repr(num_classes),
                             "an int >= 2", "pass the number of classes, e.g. 10.")
     return MODELS[name](num_classes=int(num_classes), **kwargs)
 
@@ -224,13 +224,13 @@ def init(model: nn.Module, x, *, seed: int = 0) -> dict:
 
     Example:
       >>> import numpy as np
-      >>> from gifjax import models
+      >>> from gifjax.experiments import models
       >>> v = models.init(models.create("vgg11", 10, width=8), np.zeros((1, 8, 8, 3)), seed=0)
       >>> sorted(v)
       ['batch_stats', 'params']
     """
     if np.ndim(x) < 2:
-        raise _checks.error("models.init", "x", f"shape {np.shape(x)}",
+        raise _checks.error("experiments.models.init", "x", f"shape {np.shape(x)}",
                             "a batch with a leading axis, e.g. (N, H, W, C)",
                             "pass the training inputs (or one batch of them), not one example.")
     return dict(model.init(jax.random.key(seed), jnp.asarray(x[:1]), train=False))
@@ -248,7 +248,7 @@ def cross_entropy_loss(logits, labels):
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from gifjax.models import cross_entropy_loss
+      >>> from gifjax.experiments.models import cross_entropy_loss
       >>> round(float(cross_entropy_loss(jnp.zeros((2, 4)), jnp.array([0, 3]))), 4)
       1.3863
     """
@@ -268,7 +268,7 @@ def split_variables(variables) -> tuple:
     closes over as constants.
     """
     if not isinstance(variables, dict) or "params" not in variables:
-        raise _checks.error("models.split_variables", "variables", type(variables).__name__,
+        raise _checks.error("experiments.models.split_variables", "variables", type(variables).__name__,
                             "a Flax variables dict with a 'params' entry",
                             "pass what models.init / train.fit returned, not variables['params'].")
     rest = {k: v for k, v in variables.items() if k != "params"}
@@ -287,7 +287,7 @@ def make_loss_fn(model: nn.Module, variables, *, weight_decay: float = 0.0) -> C
 
     Args:
       model: the linen module.
-      variables: its variables (from :func:`init` or :func:`gifjax.train.fit`);
+      variables: its variables (from :func:`init` or :func:`gifjax.experiments.train.fit`);
         everything except ``"params"`` is frozen into the closure.
       weight_decay: wd ≥ 0; use the value training used so θ̂ is stationary.
 
@@ -296,14 +296,14 @@ def make_loss_fn(model: nn.Module, variables, *, weight_decay: float = 0.0) -> C
 
     Example:
       >>> import numpy as np, gifjax
-      >>> from gifjax import models
+      >>> from gifjax.experiments import models
       >>> m = models.create("mlp", 3, hidden=(4,))
       >>> x = np.ones((2, 5), np.float32); y = np.array([0, 2])
       >>> v = models.init(m, x)
       >>> f = models.make_loss_fn(m, v, weight_decay=1e-3)
       >>> hv = gifjax.hvp(f, v["params"], v["params"], x, y)
     """
-    _checks.check_nonnegative("models.make_loss_fn", "weight_decay", weight_decay)
+    _checks.check_nonnegative("experiments.models.make_loss_fn", "weight_decay", weight_decay)
     data_loss = _data_loss(model, variables)
 
     def loss_fn(params, x, y):
@@ -328,7 +328,7 @@ def make_example_loss_fn(model: nn.Module, variables) -> Callable:
 
     Example:
       >>> import numpy as np
-      >>> from gifjax import models
+      >>> from gifjax.experiments import models
       >>> m = models.create("mlp", 3, hidden=(4,)); v = models.init(m, np.ones((1, 5)))
       >>> ex = models.make_example_loss_fn(m, v)
       >>> ex(v["params"], (np.ones(5, np.float32), 1)).shape

@@ -1,15 +1,15 @@
 """End-to-end tasks of the GIF paper: class removal and backdoor relabelling, against retraining.
 
-* :mod:`gifjax.tasks.class_removal` — forget one class: :func:`remove_class`
+* :mod:`gifjax.experiments.tasks.class_removal` — forget one class: :func:`remove_class`
   (one estimator on a trained model), :func:`run_experiment` (train, retrain
   without the class, run IF / PIF / FIF / GIF);
-* :mod:`gifjax.tasks.backdoor` — checkerboard trigger, poisoning, and
+* :mod:`gifjax.experiments.tasks.backdoor` — checkerboard trigger, poisoning, and
   :func:`correct_backdoor` / its ``run_experiment``;
-* :mod:`gifjax.tasks.common` — :class:`TaskConfig`, :class:`TrainConfig`,
+* :mod:`gifjax.experiments.tasks.common` — :class:`TaskConfig`, :class:`TrainConfig`,
   :func:`f1`, the jitted step-grid evaluation :func:`predictions_along`.
 
-These modules use :mod:`gifjax.data`, :mod:`gifjax.models` and
-:mod:`gifjax.train`; the core (``gifjax.influence`` and below) never imports them.
+These modules use :mod:`gifjax.experiments.data`, :mod:`gifjax.experiments.models` and
+:mod:`gifjax.experiments.train`; the core (``gifjax.influence`` and below) never imports them.
 """
 
 from . import backdoor as backdoor

@@ -13,7 +13,7 @@ The paper's label-change experiment (Lyu et al. 2024, §5):
   whose true class is not ``target``, get the trigger and the label
   ``target`` (4 in the paper); the poisoned model is trained on this set.
 * **Correction.** With U the poisoned images, g = (m/n)·[∇ mean_U ℓ(x̃, target)
-  − ∇ mean_U ℓ(x̃, true label)] (:func:`gifjax.tasks.common.relabel_grad`: the
+  − ∇ mean_U ℓ(x̃, true label)] (:func:`gifjax.experiments.tasks.common.relabel_grad`: the
   change of the mean training loss when U's labels are corrected), Δ from
   IF / PIF / FIF / GIF, d = Δ/‖Δ‖ and a step search over θ̂ + s·d as in
   class removal.
@@ -26,9 +26,9 @@ The paper's label-change experiment (Lyu et al. 2024, §5):
   retrained model scores ≈ the share of true 4s, ~9.4 %; ours scores ≈ 0.)
 * **Baseline**: the model retrained from scratch on the corrected labels
   (the triggered images stay, with their true labels;
-  :func:`gifjax.train.retrain_on_labels`).
+  :func:`gifjax.experiments.train.retrain_on_labels`).
 
-Protocols as in :mod:`gifjax.tasks.class_removal`: ``heldout`` takes the
+Protocols as in :mod:`gifjax.experiments.tasks.class_removal`: ``heldout`` takes the
 Hessian on the (poisoned) training set and the step on the validation split
 (clean and triggered copies), ``paper`` the Hessian on clean test images and
 the step on the test split.
@@ -43,11 +43,11 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from .. import _checks
+from gifjax import METHODS, _checks
+
 from .. import data as _data
 from .. import models as _models
 from .. import train as _train
-from ..influence import METHODS
 from . import common
 from .common import TaskConfig, TrainConfig
 
@@ -69,7 +69,7 @@ class Trigger:
     fraction: float = 0.1
     target: int = 4
 
-    def validate(self, fn: str = "tasks.backdoor.Trigger", num_classes: int | None = None):
+    def validate(self, fn: str = "experiments.tasks.backdoor.Trigger", num_classes: int | None = None):
         """Check the fields; return ``self``."""
         if not common._is_number(self.max_value) or not 0 < self.max_value < np.inf:
             raise _checks.error(fn, "max_value", repr(self.max_value), "a finite number > 0",
@@ -89,14 +89,14 @@ class Trigger:
 
 
 def trigger_for(dataset_name: str, **overrides) -> Trigger:
-    """The paper's trigger for a data set of :mod:`gifjax.data`: +16/255, or +1/16 on the digits.
+    """The paper's trigger for a data set of :mod:`gifjax.experiments.data`: +16/255, or +1/16 on the digits.
 
     Example:
-      >>> from gifjax.tasks.backdoor import trigger_for
+      >>> from gifjax.experiments.tasks.backdoor import trigger_for
       >>> trigger_for("digits")
       Trigger(amount=1.0, max_value=16.0, fraction=0.1, target=4)
     """
-    _checks.check_choice("tasks.backdoor.trigger_for", "dataset_name", dataset_name, _data.NAMES)
+    _checks.check_choice("experiments.tasks.backdoor.trigger_for", "dataset_name", dataset_name, _data.NAMES)
     base = Trigger(1.0, 16.0) if dataset_name == "digits" else Trigger()
     return dataclasses.replace(base, **overrides)
 
@@ -105,7 +105,7 @@ def checkerboard(height: int, width: int) -> np.ndarray:
     """Boolean [height, width] pattern, True where (row + column) is even.
 
     Example:
-      >>> from gifjax.tasks.backdoor import checkerboard
+      >>> from gifjax.experiments.tasks.backdoor import checkerboard
       >>> checkerboard(2, 3).astype(int)
       array([[1, 0, 1],
              [0, 1, 0]])
@@ -125,14 +125,14 @@ def add_trigger(pixels, trigger: Trigger = Trigger()) -> np.ndarray:
 
     Example:
       >>> import numpy as np
-      >>> from gifjax.tasks.backdoor import add_trigger
+      >>> from gifjax.experiments.tasks.backdoor import add_trigger
       >>> add_trigger(np.array([[[100.], [250.]], [[0.], [255.]]])).squeeze()
       array([[116., 250.],
              [  0., 255.]], dtype=float32)
     """
     pixels = np.asarray(pixels, np.float32)
     if pixels.ndim < 3:
-        raise _checks.error("tasks.backdoor.add_trigger", "pixels", f"shape {pixels.shape}",
+        raise _checks.error("experiments.tasks.backdoor.add_trigger", "pixels", f"shape {pixels.shape}",
                             "images [..., H, W, C]", "pass NHWC (or HWC) images.")
     pattern = checkerboard(*pixels.shape[-3:-1])[:, :, None]
     return np.minimum(pixels + np.float32(trigger.amount) * pattern,
@@ -140,7 +140,7 @@ def add_trigger(pixels, trigger: Trigger = Trigger()) -> np.ndarray:
 
 
 def apply_trigger(x, mean, std, trigger: Trigger = Trigger()) -> np.ndarray:
-    """The trigger on *normalised* images (as :func:`gifjax.data.load` returns them).
+    """The trigger on *normalised* images (as :func:`gifjax.experiments.data.load` returns them).
 
     Undoes the normalisation (``[0, 1] = x·std + mean``), adds
     ``amount / max_value`` on the checkerboard pixels, clips to 1 (the raw
@@ -172,14 +172,14 @@ def poison(dataset, trigger: Trigger | None = None, *, seed: int = 0) -> Poisone
     """Trigger and relabel ``round(fraction · n)`` training images of classes ≠ target.
 
     Args:
-      dataset: a :class:`gifjax.data.Dataset`.
+      dataset: a :class:`gifjax.experiments.data.Dataset`.
       trigger: the :class:`Trigger`; default :func:`trigger_for` the data set.
       seed: which images are poisoned (the same seed, the same images).
 
     Returns:
       :class:`Poisoned`.
     """
-    fn = "tasks.backdoor.poison"
+    fn = "experiments.tasks.backdoor.poison"
     trigger = (trigger or trigger_for(dataset.name)).validate(fn, dataset.num_classes)
     x, y = dataset.train
     candidates = np.flatnonzero(y != trigger.target)
@@ -213,7 +213,7 @@ def backdoor_metrics(clean_predictions, clean_labels, triggered_predictions, tru
 
     Example:
       >>> import numpy as np
-      >>> from gifjax.tasks import backdoor_metrics
+      >>> from gifjax.experiments.tasks import backdoor_metrics
       >>> backdoor_metrics(np.array([1, 2]), np.array([1, 2]), np.array([4, 2]), np.array([1, 2]), 4)
       BackdoorMetrics(clean_acc=1.0, relabel_acc=0.5, corrupt_acc=0.5, f1=0.6666666666666666)
     """
@@ -232,7 +232,7 @@ def evaluate(model, variables, clean, triggered, target: int) -> BackdoorMetrics
 
 
 class BackdoorResult(NamedTuple):
-    """One estimator's backdoor correction; fields as in :class:`~gifjax.tasks.RemovalResult`."""
+    """One estimator's backdoor correction; fields as in :class:`~gifjax.experiments.tasks.RemovalResult`."""
 
     method: str
     config: TaskConfig
@@ -270,7 +270,7 @@ def correction_mask(model, variables, poisoned: Poisoned, config: TaskConfig = T
     correction loss mean_U ℓ(x̃, target) − mean_U ℓ(x̃, true label), whose
     parameter gradient is g (up to m/n).
     """
-    config.validate("tasks.backdoor.correction_mask")
+    config.validate("experiments.tasks.backdoor.correction_mask")
     x_u, y_poison, y_true = _examined(poisoned)
     return common.selection_mask(model, variables, x_u, y_poison, config, minus_labels=y_true)
 
@@ -282,7 +282,7 @@ def correct_backdoor(model, variables, dataset, poisoned: Poisoned,
 
     Args:
       model, variables: the model trained on ``poisoned.train``.
-      dataset: the clean :class:`gifjax.data.Dataset` (its val / test splits).
+      dataset: the clean :class:`gifjax.experiments.data.Dataset` (its val / test splits).
       poisoned: from :func:`poison`.
       config: estimator, selection, protocol, solver budget and step grid.
       weight_decay: the weight decay training used.
@@ -291,7 +291,7 @@ def correct_backdoor(model, variables, dataset, poisoned: Poisoned,
     Returns:
       :class:`BackdoorResult`, ``metrics`` on the test split at the chosen step.
     """
-    fn = "tasks.correct_backdoor"
+    fn = "experiments.tasks.correct_backdoor"
     config.validate(fn)
     _checks.check_nonnegative(fn, "weight_decay", weight_decay)
     target = poisoned.trigger.target
@@ -354,12 +354,12 @@ def run_experiment(dataset, *, trigger: Trigger | None = None, model="cnn", meth
                    progress: bool = False, log=None) -> BackdoorExperiment:
     """The whole backdoor experiment: poison (seed ``training.seed``), train, retrain, correct.
 
-    Arguments as in :func:`gifjax.tasks.class_removal.run_experiment`, plus
+    Arguments as in :func:`gifjax.experiments.tasks.class_removal.run_experiment`, plus
     ``trigger`` (default :func:`trigger_for` the data set).
     """
     from .class_removal import _check_methods  # one shared check
 
-    fn = "tasks.backdoor.run_experiment"
+    fn = "experiments.tasks.backdoor.run_experiment"
     config.validate(fn)
     methods = _check_methods(fn, methods)
     say = log or (lambda *a, **k: None)

@@ -33,13 +33,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .. import _checks
-from ..influence import METHODS
-from ..influence import influence as _influence_fn
-from ..influence import removal_gradient as _removal_gradient
+from gifjax import METHODS, _checks
+from gifjax import influence as _influence_fn
+from gifjax import removal_gradient as _removal_gradient
+from gifjax import selection as _selection
+from gifjax import solvers as _solvers
+
 from .. import models as _models
-from .. import selection as _selection
-from .. import solvers as _solvers
 from .. import train as _train
 
 PROTOCOLS = ("heldout", "paper")
@@ -92,7 +92,7 @@ class TaskConfig:
     num_steps: int = 64
     seed: int = 0
 
-    def validate(self, fn: str = "tasks.TaskConfig") -> "TaskConfig":
+    def validate(self, fn: str = "experiments.tasks.TaskConfig") -> "TaskConfig":
         """Check every field; return ``self`` (errors name the field, got vs expected)."""
         _checks.check_choice(fn, "method", self.method, METHODS)
         _checks.check_choice(fn, "rule", self.rule, RULES)
@@ -137,7 +137,7 @@ class TaskConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """How the original model and the retrained baseline are trained (:func:`gifjax.train.fit`).
+    """How the original model and the retrained baseline are trained (:func:`gifjax.experiments.train.fit`).
 
     The defaults train the small CNN on the 8×8 digits to ~97–98 % test
     accuracy in a few seconds on a CPU. ``weight_decay`` is also the one in
@@ -152,7 +152,7 @@ class TrainConfig:
     seed: int = 0
 
     def fit_kwargs(self, progress: bool = False) -> dict:
-        """Keyword arguments for :func:`gifjax.train.fit` and the retraining baselines."""
+        """Keyword arguments for :func:`gifjax.experiments.train.fit` and the retraining baselines."""
         return dict(optimizer=self.optimizer, learning_rate=self.learning_rate,
                     epochs=self.epochs, batch_size=self.batch_size,
                     weight_decay=self.weight_decay, seed=self.seed, progress=progress)
@@ -173,7 +173,7 @@ def f1(a, b):
     ``f1(relabel_acc, clean_acc)``. Works elementwise on arrays.
 
     Example:
-      >>> from gifjax.tasks import f1
+      >>> from gifjax.experiments.tasks import f1
       >>> round(f1(1 - 0.0, 0.9), 4)   # removed class forgotten, 90 % on the rest
       0.9474
     """
@@ -262,7 +262,7 @@ def selection_mask(model, variables, x_u, labels, config: TaskConfig, *, minus_l
                              key=jax.random.key(config.seed))
     selected = sum(int(np.count_nonzero(m)) for m in jax.tree_util.tree_leaves(mask))
     if selected == 0:
-        raise _checks.error("tasks.selection_mask", "ratio", repr(config.ratio),
+        raise _checks.error("experiments.tasks.selection_mask", "ratio", repr(config.ratio),
                             "a ratio that selects at least one parameter of this model",
                             "raise the ratio (floor(ratio × layer size) is 0 for every layer).")
     return mask, selected, total
@@ -382,8 +382,8 @@ def predictions_along(model, variables, direction, steps, x, *, batch_size: int 
 
     Example:
       >>> import numpy as np, jax
-      >>> from gifjax import models
-      >>> from gifjax.tasks import predictions_along
+      >>> from gifjax.experiments import models
+      >>> from gifjax.experiments.tasks import predictions_along
       >>> m = models.create("mlp", 3); v = models.init(m, np.ones((1, 4)))
       >>> d = jax.tree_util.tree_map(np.zeros_like, v["params"])
       >>> predictions_along(m, v, d, np.array([0.0, 1.0]), np.ones((5, 4), np.float32)).shape

@@ -21,14 +21,14 @@ source's own test split (for ``digits``, which has none, a fixed 20 % part
 drawn with a fixed seed, the same for every ``seed``).
 
 Preparing a TFDS data set on a machine without network: run, where there is
-network, ``gifjax.data.load(name, data_dir=DIR)`` (or
+network, ``gifjax.experiments.data.load(name, data_dir=DIR)`` (or
 ``tfds.data_source(TFDS_NAME, data_dir=DIR)``), then copy ``DIR`` over and
 pass ``data_dir=DIR, download=False``. Note that ``tfds.load`` prepares the
 TFRecord format, which ``tfds.data_source`` cannot read; prepare with
 ``tfds.data_source`` or ``tfds build NAME --file_format=array_record``.
 
 Example:
-  >>> from gifjax import data
+  >>> from gifjax.experiments import data
   >>> ds = data.load("digits", seed=0)
   >>> ds.train.x.shape, ds.train.x.dtype, ds.train.y.dtype, ds.num_classes
   ((1294, 8, 8, 1), dtype('float32'), dtype('int32'), 10)
@@ -42,7 +42,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import _checks
+from gifjax import _checks
 
 
 class Split(NamedTuple):
@@ -134,13 +134,13 @@ def load(name: str = "digits", *, seed: int = 0, val_fraction: float = 0.1,
         or prepared; the message says how to prepare it.
 
     Example:
-      >>> from gifjax import data
+      >>> from gifjax.experiments import data
       >>> a = data.load("digits", seed=1, max_train=500)
       >>> b = data.load("digits", seed=1, max_train=500)
       >>> bool((a.train.x == b.train.x).all()), a.train.x.shape
       (True, (450, 8, 8, 1))
     """
-    fn = "data.load"
+    fn = "experiments.data.load"
     _checks.check_choice(fn, "name", name, _SOURCES)
     if not 0.0 <= val_fraction < 1.0:
         raise _checks.error(fn, "val_fraction", repr(val_fraction), "a float in [0, 1)",
@@ -177,7 +177,7 @@ def _digits():
     try:
         from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
     except ImportError as e:
-        raise _checks.error("data.load", "name", "'digits', but scikit-learn is not installed",
+        raise _checks.error("experiments.data.load", "name", "'digits', but scikit-learn is not installed",
                             "scikit-learn to be importable",
                             "pip install 'gifjax[data]' (or scikit-learn).",
                             kind=ImportError) from e
@@ -202,7 +202,7 @@ def _tfds(tfds_name: str, data_dir, download: bool):
         import tensorflow_datasets as tfds  # lazy: an optional dependency
     except ImportError as e:
         raise _checks.error(
-            "data.load", "name", repr(tfds_name), "tensorflow-datasets to be installed",
+            "experiments.data.load", "name", repr(tfds_name), "tensorflow-datasets to be installed",
             "pip install 'gifjax[data]' (tensorflow-datasets, importlib_resources, pillow), "
             "or use name='digits', which needs nothing.", kind=ImportError) from e
     try:
@@ -211,12 +211,12 @@ def _tfds(tfds_name: str, data_dir, download: bool):
     except Exception as e:  # network, disk, format: all mean "not prepared here"
         where = data_dir or "TFDS's default data_dir (~/tensorflow_datasets or $TFDS_DATA_DIR)"
         raise _checks.error(
-            "data.load", "name", f"{tfds_name!r}, which could not be "
+            "experiments.data.load", "name", f"{tfds_name!r}, which could not be "
             f"{'downloaded or prepared' if download else 'found prepared'} in {where} "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
             "a data set prepared for tfds.data_source (ArrayRecord format)",
             f"on a machine with network (and TensorFlow, which TFDS needs to *prepare* "
-            f"data, not to read it) run gifjax.data.load({tfds_name!r}, data_dir=DIR) (or "
+            f"data, not to read it) run gifjax.experiments.data.load({tfds_name!r}, data_dir=DIR) (or "
             f"`tfds build {tfds_name} --file_format=array_record --data_dir=DIR`), copy DIR "
             "here and pass data_dir=DIR, download=False; or use name='digits', which needs "
             "no download.",

@@ -8,7 +8,7 @@ n examples and a class c with m training examples U:
 2. Δ from the estimator (``if`` / ``pif`` / ``fif`` / ``gif``), with the
    target parameters chosen by a selection rule on U's unit scores;
 3. d = Δ / ‖Δ‖, and a step search over θ̂ + s·d, s on a fixed grid
-   (:class:`~gifjax.tasks.TaskConfig` ``max_step``, ``num_steps``; s = 0 is
+   (:class:`~gifjax.experiments.tasks.TaskConfig` ``max_step``, ``num_steps``; s = 0 is
    the original model);
 4. at each step: **self-acc** = accuracy on images of class c (lower is
    better), **test-acc** = accuracy on the other classes, and
@@ -25,11 +25,11 @@ Protocols (``config.protocol``):
   so test numbers are optimistic. For comparison only.
 
 The baseline is the model retrained from scratch without class c
-(:func:`gifjax.train.retrain_without_class`); its F1 is the target.
+(:func:`gifjax.experiments.train.retrain_without_class`); its F1 is the target.
 
 Example (CPU, ~1 minute):
-  >>> from gifjax import data, models, train
-  >>> from gifjax.tasks import class_removal, TaskConfig
+  >>> from gifjax.experiments import data, models, train
+  >>> from gifjax.experiments.tasks import class_removal, TaskConfig
   >>> ds = data.load("digits", seed=0)
   >>> model = models.create("cnn", ds.num_classes)
   >>> fit = train.fit(model, *ds.train, epochs=20, batch_size=64, learning_rate=3e-3,
@@ -48,8 +48,8 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from .. import _checks
-from ..influence import METHODS
+from gifjax import METHODS, _checks
+
 from .. import models as _models
 from .. import train as _train
 from . import common
@@ -106,7 +106,7 @@ def removal_metrics(predictions, labels, removed_class: int) -> RemovalMetrics:
 
     Example:
       >>> import numpy as np
-      >>> from gifjax.tasks import removal_metrics
+      >>> from gifjax.experiments.tasks import removal_metrics
       >>> removal_metrics(np.array([0, 1, 1, 2]), np.array([0, 0, 1, 2]), 0)
       RemovalMetrics(self_acc=0.5, test_acc=1.0, f1=0.6666666666666666)
     """
@@ -150,9 +150,9 @@ def remove_class(model, variables, dataset, removed_class: int, config: TaskConf
     """Remove class ``removed_class`` from a trained model with one estimator; see module docstring.
 
     Args:
-      model: the linen model (e.g. :func:`gifjax.models.create`).
-      variables: its trained variables (:func:`gifjax.train.fit`).
-      dataset: the :class:`gifjax.data.Dataset` it was trained on (its
+      model: the linen model (e.g. :func:`gifjax.experiments.models.create`).
+      variables: its trained variables (:func:`gifjax.experiments.train.fit`).
+      dataset: the :class:`gifjax.experiments.data.Dataset` it was trained on (its
         ``train`` split is the training set; ``val`` and ``test`` as above).
       removed_class: the class c to forget.
       config: estimator, selection, protocol, solver budget and step grid.
@@ -165,7 +165,7 @@ def remove_class(model, variables, dataset, removed_class: int, config: TaskConf
     Returns:
       :class:`RemovalResult`.
     """
-    fn = "tasks.remove_class"
+    fn = "experiments.tasks.remove_class"
     config.validate(fn)
     _check_class(fn, dataset, removed_class)
     _checks.check_nonnegative(fn, "weight_decay", weight_decay)
@@ -221,7 +221,7 @@ def removal_mask(model, variables, dataset, removed_class: int, config: TaskConf
     With ``config.scores == "gradients"`` the units are ranked by the
     output-gradients of U's mean cross-entropy.
     """
-    fn = "tasks.removal_mask"
+    fn = "experiments.tasks.removal_mask"
     config.validate(fn)
     _check_class(fn, dataset, removed_class)
     x_u, y_u = _examined(dataset, removed_class)
@@ -262,9 +262,9 @@ def run_experiment(dataset, removed_class: int, *, model="cnn", methods=METHODS,
        ``method`` replaced), all masked estimators sharing one mask.
 
     Args:
-      dataset: a :class:`gifjax.data.Dataset`.
+      dataset: a :class:`gifjax.experiments.data.Dataset`.
       removed_class: the class to forget.
-      model: a model name for :func:`gifjax.models.create` or a linen module.
+      model: a model name for :func:`gifjax.experiments.models.create` or a linen module.
       methods: estimators to run, a subset of ``("if", "pif", "fif", "gif")``.
       config: the estimator setup shared by all methods.
       training: optimiser settings for the model and the baseline.
@@ -274,7 +274,7 @@ def run_experiment(dataset, removed_class: int, *, model="cnn", methods=METHODS,
     Returns:
       :class:`RemovalExperiment`.
     """
-    fn = "tasks.class_removal.run_experiment"
+    fn = "experiments.tasks.class_removal.run_experiment"
     config.validate(fn)
     _check_class(fn, dataset, removed_class)
     methods = _check_methods(fn, methods)

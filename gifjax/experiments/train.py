@@ -1,11 +1,11 @@
 """Training with optax, evaluation, and the retraining baselines.
 
-:func:`fit` trains any :mod:`gifjax.models` classifier by minibatch SGD
+:func:`fit` trains any :mod:`gifjax.experiments.models` classifier by minibatch SGD
 (with momentum) or Adam on
 
     L(θ) = (1/n) Σ_i CE(f(x_i; θ), y_i) + ½·wd·‖θ‖²,
 
-the same objective :func:`gifjax.models.make_loss_fn` builds for influence.
+the same objective :func:`gifjax.experiments.models.make_loss_fn` builds for influence.
 Weight decay is an L2 term *in the loss*, not ``optax.add_decayed_weights``:
 with Adam the decoupled form (AdamW) is not the gradient of any loss, so the
 trained θ̂ would not be a stationary point of the objective whose Hessian
@@ -23,7 +23,7 @@ The retraining baselines of the paper's experiments are thin wrappers:
 arguments.
 
 Example:
-  >>> from gifjax import data, models, train
+  >>> from gifjax.experiments import data, models, train
   >>> ds = data.load("digits", seed=0)
   >>> model = models.create("mlp", ds.num_classes, hidden=(32,))
   >>> result = train.fit(model, *ds.train, epochs=3, batch_size=64,
@@ -43,7 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import _checks
+from gifjax import _checks
+
 from . import models as _models
 
 OPTIMIZERS = ("adam", "sgd")
@@ -72,8 +73,8 @@ def fit(model: nn.Module, x, y, *, optimizer="adam", learning_rate: float = 1e-3
 
     Args:
       model: a linen classifier called as ``model.apply(v, x, train=...)``
-        (every :mod:`gifjax.models` model).
-      x: inputs [n, ...] (e.g. NHWC float32 from :func:`gifjax.data.load`).
+        (every :mod:`gifjax.experiments.models` model).
+      x: inputs [n, ...] (e.g. NHWC float32 from :func:`gifjax.experiments.data.load`).
       y: int labels [n], in ``[0, model.num_classes)``.
       optimizer: ``"adam"``, ``"sgd"`` (heavy-ball momentum ``momentum``), or
         any ``optax.GradientTransformation`` (then ``learning_rate`` and
@@ -93,7 +94,7 @@ def fit(model: nn.Module, x, y, *, optimizer="adam", learning_rate: float = 1e-3
 
     Example:
       >>> import numpy as np
-      >>> from gifjax import models, train
+      >>> from gifjax.experiments import models, train
       >>> x = np.random.default_rng(0).normal(size=(64, 4, 4, 1)).astype(np.float32)
       >>> y = (x.mean(axis=(1, 2, 3)) > 0).astype(np.int32)
       >>> r = train.fit(models.create("mlp", 2), x, y, epochs=5, batch_size=16,
@@ -101,7 +102,7 @@ def fit(model: nn.Module, x, y, *, optimizer="adam", learning_rate: float = 1e-3
       >>> r.history["loss"][-1] < r.history["loss"][0]
       True
     """
-    fn = "train.fit"
+    fn = "experiments.train.fit"
     x, y = _check_data(fn, model, x, y)
     tx = _optimizer(fn, optimizer, learning_rate, momentum)
     for arg, value, low in (("epochs", epochs, 0), ("batch_size", batch_size, 1)):
@@ -190,7 +191,7 @@ def predict(model: nn.Module, variables, x, *, batch_size: int = 1024) -> np.nda
 
     Example:
       >>> import numpy as np
-      >>> from gifjax import models, train
+      >>> from gifjax.experiments import models, train
       >>> m = models.create("mlp", 3); v = models.init(m, np.ones((1, 5)))
       >>> train.predict(m, v, np.ones((7, 5), np.float32), batch_size=4).shape
       (7, 3)
@@ -221,12 +222,12 @@ def evaluate(model: nn.Module, variables, x, y, *, batch_size: int = 1024) -> fl
 
     Example:
       >>> import numpy as np
-      >>> from gifjax import models, train
+      >>> from gifjax.experiments import models, train
       >>> m = models.create("mlp", 2); v = models.init(m, np.ones((1, 3)))
       >>> 0.0 <= train.evaluate(m, v, np.ones((5, 3), np.float32), np.zeros(5, np.int32)) <= 1.0
       True
     """
-    x, y = _check_data("train.evaluate", model, x, y)
+    x, y = _check_data("experiments.train.evaluate", model, x, y)
     return float(np.mean(predict(model, variables, x, batch_size=batch_size).argmax(-1) == y))
 
 
@@ -246,7 +247,7 @@ def retrain_without_class(model: nn.Module, x, y, removed_class: int, **fit_kwar
       :class:`FitResult` of the retrained model.
 
     Example:
-      >>> from gifjax import data, models, train
+      >>> from gifjax.experiments import data, models, train
       >>> ds = data.load("digits", seed=0)
       >>> m = models.create("mlp", 10, hidden=(32,))
       >>> r = train.retrain_without_class(m, *ds.train, 3, epochs=3, learning_rate=1e-2,
@@ -254,7 +255,7 @@ def retrain_without_class(model: nn.Module, x, y, removed_class: int, **fit_kwar
       >>> int((train.predict(m, r.variables, ds.test.x).argmax(-1) == 3).sum())
       0
     """
-    fn = "train.retrain_without_class"
+    fn = "experiments.train.retrain_without_class"
     x, y = _check_data(fn, model, x, y)
     keep = y != removed_class
     if keep.all() or not keep.any():
@@ -280,7 +281,7 @@ def retrain_on_labels(model: nn.Module, x, y, indices, labels, **fit_kwargs) -> 
 
     Example:
       >>> import numpy as np
-      >>> from gifjax import models, train
+      >>> from gifjax.experiments import models, train
       >>> x = np.random.default_rng(0).normal(size=(32, 3)).astype(np.float32)
       >>> y = np.zeros(32, np.int32)
       >>> r = train.retrain_on_labels(models.create("mlp", 2), x, y, [0, 1], [1, 1],
@@ -288,7 +289,7 @@ def retrain_on_labels(model: nn.Module, x, y, indices, labels, **fit_kwargs) -> 
       >>> sorted(r.history)
       ['accuracy', 'loss']
     """
-    fn = "train.retrain_on_labels"
+    fn = "experiments.train.retrain_on_labels"
     x, y = _check_data(fn, model, x, y)
     indices = np.asarray(indices)
     labels = np.asarray(labels)
@@ -346,7 +347,7 @@ def _progress_bar(total, progress):
     try:
         from tqdm import tqdm  # optional: only for the progress bar
     except ImportError as e:
-        raise _checks.error("train.fit", "progress", "True, but tqdm is not installed",
+        raise _checks.error("experiments.train.fit", "progress", "True, but tqdm is not installed",
                             "tqdm to be importable", "pip install tqdm, or pass progress=False.",
                             kind=ImportError) from e
     return tqdm(total=total, desc="train", unit="epoch")
