@@ -79,7 +79,7 @@ def check_like(fn: str, arg: str, tree, reference, ref_name: str = "params"):
             f"build `{arg}` with jax.tree_util.tree_map over `{ref_name}` so the trees match.",
         )
     for path, a, b in zip(
-        _paths(reference), jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(reference)
+        tree_paths(reference), jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(reference)
     ):
         if np.shape(a) != np.shape(b):
             raise error(
@@ -90,5 +90,5 @@ def check_like(fn: str, arg: str, tree, reference, ref_name: str = "params"):
     return tree
 
 
-def _paths(tree):
+def tree_paths(tree):
     return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]

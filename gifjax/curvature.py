@@ -31,7 +31,8 @@ import jax.numpy as jnp
 
 from . import _checks, _tree
 from . import masks as _masks
-from ._conv_layout import canonicalize_convolutions
+
+__all__ = ["GGN", "batch_size_of", "batched_hvp", "batched_hvp_fn", "check_ggn", "ggn_product", "hutchinson_trace", "hvp", "linearize_ggn", "linearize_hvp", "masked_hvp", "mixed_precision"]
 
 
 def hvp(loss_fn: Callable, params, v, *args, damping=0.0):
@@ -81,7 +82,6 @@ def linearize_hvp(loss_fn: Callable, params, *args, damping=0.0):
     """
     _checks.check_nonnegative("linearize_hvp", "damping", damping)
     _, hv = jax.linearize(lambda p: jax.grad(loss_fn)(p, *args), params)
-    hv = canonicalize_convolutions(hv)
     return lambda v: _damp(hv(v), v, damping)
 
 
@@ -150,11 +150,10 @@ def batch_size_of(fn: str, args) -> int:
 def _jvp_of_grad(loss_fn, params, args):
     """v ↦ ∇²loss_fn(params, *args) v: the primitive every curvature product uses.
 
-    Convolutions are put in XLA:CPU's fast layout (see ``_conv_layout``), so
-    products stay fast inside solver loops on CPU; a no-op elsewhere.
+    (Solvers put the convolutions of the operators built on it into XLA:CPU's
+    fast layout where the operator enters their loop: ``gifjax.solvers``.)
     """
-    return canonicalize_convolutions(
-        lambda v: jax.jvp(lambda p: jax.grad(loss_fn)(p, *args), (params,), (v,))[1])
+    return lambda v: jax.jvp(lambda p: jax.grad(loss_fn)(p, *args), (params,), (v,))[1]
 
 
 def _damp(hv, v, damping):
@@ -265,8 +264,7 @@ def linearize_ggn(ggn: GGN, params, *args, damping=0.0):
     h_out = linearize_hvp(ggn.output_loss, out, *args)
     h_reg = None if ggn.regularizer is None else linearize_hvp(ggn.regularizer, params)
 
-    # the transpose holds the backward convolutions: keep them fast inside loops on CPU
-    jtj = canonicalize_convolutions(lambda v: vjp_fn(h_out(jvp_fn(v)))[0])
+    jtj = lambda v: vjp_fn(h_out(jvp_fn(v)))[0]
 
     def op(v):
         gv = jtj(v)

@@ -52,8 +52,10 @@ import jax
 
 from . import _checks, _tree
 from . import curvature as _curv
-from .influence import influence as _influence
+from .estimators import influence as _influence
 from .solvers import Solution
+
+__all__ = ["GROUP_METHODS", "GroupInfluence", "group_influence"]
 
 GROUP_METHODS = ("if", "fif")
 
@@ -79,7 +81,7 @@ class GroupInfluence(NamedTuple):
 
 def group_influence(loss_fn: Callable, params, removed: tuple, *args, method: str = "if",
                     mask=None, solver="auto", damping=0.0, third_order: bool = True,
-                    chunk_size: int | None = None) -> GroupInfluence:
+                    chunk_size: int | None = None, curvature="hessian") -> GroupInfluence:
     r"""Second-order parameter change for removing a group U (see module docstring).
 
         Δ = Δ₁ + H⁻¹ ( p H_U Δ₁ − ½ ∇³L[Δ₁, Δ₁] ),   Δ₁ = p H⁻¹ ∇L_U,   p = m / n
@@ -92,7 +94,9 @@ def group_influence(loss_fn: Callable, params, removed: tuple, *args, method: st
       *args: the full training data, U included (leading axis n > m).
       method: ``"if"`` (all parameters) or ``"fif"`` (only the ``mask``
         parameters move; the expansion restricted to θ_t) — static.
-      mask, solver, damping, chunk_size: as in :func:`gifjax.influence`
+      mask, solver, damping, chunk_size, curvature: as in :func:`gifjax.influence`
+        (``curvature`` is the operator of the two solves; H_U and ∇³L stay
+        Hessian products)
         (H → H + λI with damping; the HVPs with H_U and the third-order
         product use the whole of ``removed`` / ``args``).
       third_order: include −½∇³L[Δ₁, Δ₁] (static; default True).
@@ -120,7 +124,8 @@ def group_influence(loss_fn: Callable, params, removed: tuple, *args, method: st
         raise _checks.error(fn, "removed", f"{m} examples", f"fewer than the {n} training examples in *args",
                             "pass the full training set (U included) as *args.")
     p = m / n
-    kw = dict(method=method, mask=mask, solver=solver, damping=damping, chunk_size=chunk_size)
+    kw = dict(method=method, mask=mask, solver=solver, damping=damping, chunk_size=chunk_size,
+              curvature=curvature)
     first = _influence(loss_fn, params, _tree.scale(p, jax.grad(loss_fn)(params, *removed)),
                                  *args, **kw)
     d1 = first.delta

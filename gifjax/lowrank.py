@@ -67,6 +67,9 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
 
+import dataclasses
+import os
+
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
@@ -74,14 +77,19 @@ import numpy as np
 
 from . import _checks, _tree
 from . import masks as _masks
-from .solvers import NONE, Solution, Solver, _finish, _pytree_dataclass
+from . import _krylov
+from .estimators import adjoint_solve, influence
+from .operators import Estimator, curvature_spec
+from .solvers import LSTSQ, NONE, Solution, Solver, SolverState, finish as _finish
+
+__all__ = ["Approximation", "Factors", "LowRank", "OPERATORS", "approximation_error", "bidiagonalize", "combine", "factorize", "lanczos", "load", "project", "save"]
 
 HIGHEST = jax.lax.Precision.HIGHEST
 #: Methods whose factorised operator is the same (H_λ for if and pif).
-OPERATORS = {"if": "hessian", "pif": "hessian", "fif": "fif", "gif": "gif"}
+OPERATORS = {"if": "C", "pif": "C", "fif": "PCP", "gif": "CP"}
 
 
-@_pytree_dataclass(static=("method", "curvature"))
+@_tree.pytree_dataclass(static=("method", "curvature"))
 class Factors:
     """A rank-r factorisation A ≈ left · diag(values) · rightᵀ (a pytree value).
 
@@ -153,34 +161,41 @@ def combine(vectors, c):
 # ----------------------------------------------------------------------------- the solver
 
 
-@_pytree_dataclass()
+@_tree.pytree_dataclass(static=("rank", "num_steps"))
 class LowRank(Solver):
-    r"""Solver that answers from a :class:`Factors` value: no HVP per query.
+    r"""Solver that answers from a rank-k factorisation: no HVP per query.
 
-    For factors A ≈ U diag(σ) Vᵀ (symmetric: U = V = Y, σ = θ) every form
+    ``init(operator, form)`` factorises the operator once (Lanczos for the
+    symmetric form; Golub–Kahan of the normal factor F for least squares and
+    minimum norm), or adopts given ``factors``; every ``compute`` then
     returns the truncated pseudo-inverse of the factorised operator,
 
-        x = V diag(1/σ_i, i < rank) Uᵀ b  (+ c · (b − Y Yᵀ b), symmetric only),
+        symmetric (A ≈ Y Θ Yᵀ):  x = Y Θ⁻¹ Yᵀ b  (+ c · (b − Y Yᵀ b)),
+        normal (F ≈ U Σ Vᵀ):     (FᵀF)⁺ c = V Σ⁻² Vᵀ c,  F z ≈ U Σ Vᵀ z,
 
-    ignoring ``matvec``. In :func:`gifjax.influence`, ``adjoint_solve``,
-    ``influence_scores`` and ``self_influence`` the factors fix the operator:
-    their ``method`` must match (if/pif share H_λ), ``damping`` and
-    ``curvature`` default to the factors' and may not differ, the ``mask``
-    must be the one given to :func:`factorize` (not checked), and GIF's
-    adjoint (min-norm with P H = (H P)ᵀ) uses the transposed factors.
+    so GIF's update V Σ⁻¹ Uᵀ g and its adjoint U Σ⁻¹ Vᵀ P∇ share one
+    factorisation of C_λ P. In :func:`gifjax.influence`, ``adjoint_solve``,
+    ``influence_scores`` and ``self_influence`` given factors fix the
+    operator: their ``method`` must match (if/pif share C_λ), ``damping``
+    and ``curvature`` default to the factors' and may not differ, and the
+    ``mask`` must be the one given to :func:`factorize` (not checked).
 
-    Fields (traced):
-      factors: a :class:`Factors` value.
+    Fields:
+      factors: a :class:`Factors` value (traced), or ``None`` to factorise in
+        ``init`` with ``rank`` / ``num_steps`` / ``rtol`` / ``key`` /
+        ``start`` (as in :func:`factorize`).
       complement: c, the inverse eigenvalue assumed on the orthogonal
         complement of the used pairs (symmetric factors only). ``None``
         (default) is the rank-k truncation (c = 0); 1/λ is exact when the
         uncaptured eigenvalues of H_λ − λI are ≪ λ (damping-dominated bulk).
 
     Diagnostics (per query): ``num_steps = num_matvecs = 0``;
-    ``residual_norm`` = ‖b − U Uᵀ b‖, the part of b outside the used left
-    subspace — the residual of the *factorised* problem, not ‖b − A x‖ of the
-    true operator (that needs an HVP; :func:`approximation_error` measures
-    it against an exact solve); ``converged`` = the answer is finite.
+    ``residual_norm`` = the part of the right-hand side outside the used
+    subspace (‖b − Y Yᵀ b‖, or ‖c − V Vᵀ c‖ for the normal forms) — the
+    residual of the *factorised* problem, not of the true operator (that
+    needs an HVP; :func:`approximation_error` measures it against an exact
+    solve); ``converged`` = the answer is finite. Derivatives use the true
+    operator with the factorised inverse (``gifjax.solvers``).
 
     Warning:
       The answer is only as good as the captured spectrum: a rank-k
@@ -189,135 +204,99 @@ class LowRank(Solver):
       queries before trusting scores.
     """
 
-    factors: Factors
+    factors: Any = None
     complement: Any = None
+    rank: int | None = None
+    num_steps: int | None = None
+    rtol: Any = None
+    key: Any = None
+    start: Any = None
 
-    def symmetric(self, A, b):
-        return self._apply(b)
-
-    def least_squares(self, A, At, b):
-        return self._apply(b)
-
-    def min_norm(self, A, At, b):
-        return self._apply(b)
-
-    def _apply(self, b):
+    # -- the factors fix the operator
+    def configure(self, spec, estimator, fn):
         f = self.factors
+        if f is None:
+            return spec
+        if not isinstance(f, Factors):
+            raise _checks.error(fn, "solver", f"LowRank({type(f).__name__})", "LowRank(Factors)",
+                                "pass the result of gifjax.lowrank.factorize.", kind=TypeError)
+        if f.method is None:
+            raise _checks.error(fn, "solver", "LowRank factors without a method",
+                                "factors from gifjax.lowrank.factorize(..., method=...)",
+                                "build the factors with gifjax.lowrank.factorize so they know their operator.")
+        method = estimator.method
+        if OPERATORS[f.method] != OPERATORS[method]:
+            raise _checks.error(fn, "method", repr(method), f"a method served by the {f.method!r} factors",
+                                f"pass method={f.method!r}, or factorize again with method={method!r}.")
+        damping = spec.damping
+        if not isinstance(damping, (int, float, np.ndarray, np.generic, jax.Array)) or (
+                _checks.is_concrete(damping) and _checks.is_concrete(f.damping)
+                and float(np.asarray(damping)) != 0
+                and not np.isclose(float(np.asarray(damping)), float(np.asarray(f.damping)))):
+            raise _checks.error(fn, "damping", repr(damping),
+                                f"0 (default) or the factors' damping {float(np.asarray(f.damping))!r}",
+                                "leave damping out: the factors already include theirs "
+                                "(factorize again to change it).")
+        if spec.kind == "ggn" and f.curvature != "ggn":
+            raise _checks.error(fn, "curvature", "a GGN spec" if spec.kind == "ggn" else "'hessian'",
+                                f"the factors' curvature {f.curvature!r}",
+                                "leave curvature out, or factorize with the same curvature.")
+        return spec.replace(damping=f.damping)
+
+    def setup(self, operator, form):
+        fn = "lowrank.LowRank"
+        A = operator if form == "symmetric" else SolverState(operator, form).factor
+        if self.complement is not None and form != "symmetric":
+            raise _checks.error(fn, "complement", self.complement, "0 for Golub–Kahan (gif) factors",
+                                "use complement only with symmetric (if/pif/fif) factors.")
+        if self.factors is not None:
+            return self.factors
+        if self.rank is None:
+            raise _checks.error(fn, "rank", None, "factors=... or rank=... (an int)",
+                                "pass LowRank(factors) or LowRank(rank=50) to factorise in init.")
+        return _factorize(fn, A, symmetric=form == "symmetric", rank=self.rank, num_steps=self.num_steps,
+                          rtol=self.rtol, key=self.key, start=self.start)
+
+    # -- answers
+    def _check_b(self, f, b):
         _checks.check_like("lowrank.LowRank", "b", b, jax.tree_util.tree_map(lambda a: a[0], f.left),
                            ref_name="one factor vector")
-        has_complement = self.complement is not None
-        if has_complement and not f.symmetric:
-            raise _checks.error("lowrank.LowRank", "complement", self.complement,
-                                "0 for Golub–Kahan (gif) factors",
-                                "use complement only with symmetric (if/pif/fif) factors.")
-        used = jnp.arange(f.values.shape[0]) < f.rank
+
+    def _used(self, f):
+        return jnp.arange(f.values.shape[0]) < f.rank
+
+    def solve_symmetric(self, state, b):
+        f = state.data
+        self._check_b(f, b)
+        used = self._used(f)
         c = jnp.where(used, project(f.left, b), 0)
-        inv = jnp.where(used, 1.0 / jnp.where(used, f.values, 1), 0)
-        x = combine(f.right_vectors, inv * c)
+        x = combine(f.right_vectors, _inverse(f.values, used) * c)
         outside = _tree.sub(b, combine(f.left, c))
-        if has_complement:
+        if self.complement is not None:
             x = _tree.axpy(self.complement, outside, x)
         return _finish(x, 0, 0, _tree.norm(outside), jnp.array(True), NONE)
 
+    def solve_normal(self, state, c):
+        f = state.data
+        self._check_b(f, c)
+        used = self._used(f)
+        coef = jnp.where(used, project(f.right_vectors, c), 0)
+        x = combine(f.right_vectors, _inverse(f.values, used) ** 2 * coef)
+        outside = _tree.sub(c, combine(f.right_vectors, coef))
+        return _finish(x, 0, 0, _tree.norm(outside), jnp.array(True), NONE)
 
-# ----------------------------------------------------------------------------- Krylov cores (flat)
-
-
-def _orth(w, basis):
-    # classical Gram–Schmidt twice ("twice is enough"): orthogonal to working precision
-    # (c @ basis, not basis.T @ c: a transposed [m, p] operand is copied on every call)
-    for _ in range(2):
-        w = w - jnp.matmul(jnp.matmul(basis, w, precision=HIGHEST), basis, precision=HIGHEST)
-    return w
-
-
-def _breakdown_tol(dtype, m):
-    return 100.0 * np.sqrt(m) * float(jnp.finfo(dtype).eps)
-
-
-def _extend(w, basis, restart, tol):
-    """Orthogonalise ``w`` against ``basis`` and normalise; restart on breakdown.
-
-    Breakdown (‖w‖ lost to cancellation: the Krylov space is invariant) gives
-    coefficient 0 and a fresh direction ``restart()`` (a random vector of the
-    operator's domain), orthogonalised too.
-    """
-    before = jnp.linalg.norm(w)
-    w = _orth(w, basis)
-    norm = jnp.linalg.norm(w)
-    broke = norm <= tol * before
-
-    def fresh(_):
-        r = _orth(restart(), basis)
-        nr = jnp.linalg.norm(r)
-        return jnp.where(nr > 0, r / jnp.where(nr > 0, nr, 1), 0)
-
-    q = jax.lax.cond(broke, fresh, lambda _: w / jnp.where(broke, 1, norm), None)
-    return q, jnp.where(broke, 0, norm), broke
+    def factor_hints(self, state):
+        if state.form == "symmetric":
+            return None, None
+        f = state.data
+        used = self._used(f)
+        sigma = jnp.where(used, f.values, 0)
+        return (lambda z: combine(f.left, sigma * project(f.right_vectors, z)),
+                lambda b: combine(f.right_vectors, sigma * project(f.left, b)))
 
 
-def _restarts(key, support):
-    """Restart direction j: a random normal vector on ``support`` (1 = the operator's domain).
-
-    One vector is drawn from ``key``; direction j is its cyclic shift by j + 1
-    (generic, and much cheaper to compile inside the loop than a new draw).
-    """
-    r = jax.random.normal(key, support.shape, support.dtype)
-    return lambda j: (lambda: jnp.roll(r, j + 1) * support)
-
-
-def _lanczos(A, q0, num_steps, key, support):
-    """m-step Lanczos with full reorthogonalisation on flat vectors."""
-    p, m, dt = q0.shape[0], num_steps, q0.dtype
-    tol = _breakdown_tol(dt, m)
-    Q = jnp.zeros((m, p), dt)
-    restart = _restarts(key, support)
-    q, _, _ = _extend(q0, Q, restart(m), tol)
-
-    def body(carry, j):
-        Q, q = carry
-        Q = Q.at[j].set(q)
-        w = A(q)
-        alpha = jnp.vdot(q, w, precision=HIGHEST)
-        q_next, beta, _ = _extend(w, Q, restart(j), tol)
-        return (Q, q_next), (alpha, beta)
-
-    (Q, _), (alpha, beta) = jax.lax.scan(body, (Q, q), jnp.arange(m))
-    T = jnp.diag(alpha) + jnp.diag(beta[:-1], 1) + jnp.diag(beta[:-1], -1)
-    theta, S = jnp.linalg.eigh(T)
-    vectors = jnp.matmul(S.T, Q, precision=HIGHEST)
-    residuals = jnp.abs(beta[-1] * S[-1, :])
-    return theta, vectors, None, residuals, m
-
-
-def _bidiagonalize(A, At, u0, num_steps, key, support_u, support_v):
-    """m-step Golub–Kahan lower bidiagonalisation with full reorthogonalisation."""
-    p, m, dt = u0.shape[0], num_steps, u0.dtype
-    tol = _breakdown_tol(dt, m)
-    key_u, key_v = jax.random.split(key)
-    restart_u, restart_v = _restarts(key_u, support_u), _restarts(key_v, support_v)
-    U = jnp.zeros((m + 1, p), dt)
-    V = jnp.zeros((m, p), dt)
-    u, _, _ = _extend(u0, U, restart_u(m), tol)
-    U = U.at[0].set(u)
-    v, a, _ = _extend(At(u), V, restart_v(m), tol)
-
-    def body(carry, j):
-        U, V, u, v, a = carry
-        V = V.at[j].set(v)
-        u_next, b, _ = _extend(A(v) - a * u, U, restart_u(j), tol)
-        U = U.at[j + 1].set(u_next)
-        v_next, a_next, _ = _extend(At(u_next) - b * v, V, restart_v(j), tol)
-        return (U, V, u_next, v_next, a_next), (a, b)
-
-    (U, V, _, _, a_last), (alpha, beta) = jax.lax.scan(body, (U, V, u, v, a), jnp.arange(m))
-    B = jnp.zeros((m + 1, m), dt).at[jnp.arange(m), jnp.arange(m)].set(alpha)
-    B = B.at[jnp.arange(1, m + 1), jnp.arange(m)].set(beta)
-    P, sigma, Qt = jnp.linalg.svd(B, full_matrices=False)
-    left = jnp.matmul(P.T, U, precision=HIGHEST)
-    right = jnp.matmul(Qt, V, precision=HIGHEST)
-    residuals = jnp.abs(a_last * P[-1, :])
-    return sigma, left, right, residuals, 1 + 2 * m
+def _inverse(values, used):
+    return jnp.where(used, 1.0 / jnp.where(used, values, 1), 0)
 
 
 def _check_steps(fn, rank, num_steps, dim):
@@ -355,8 +334,32 @@ def _factors(values, left, right, residuals, count, rank, rtol, unravel, damping
                    jnp.asarray(count, jnp.int32), method, curvature)
 
 
-def _flat_op(op, unravel):
-    return lambda x: jax.flatten_util.ravel_pytree(op(unravel(x)))[0]
+def _factorize(fn, A, *, symmetric, rank, num_steps, rtol, key, start) -> Factors:
+    """Lanczos (symmetric A) or Golub–Kahan of the operator value ``A``, starts on its support."""
+    flat, unravel = jax.flatten_util.ravel_pytree(A.like)
+    dim = flat.shape[0]
+    domain = jax.tree_util.tree_leaves(A.domain)
+    if domain and all(_checks.is_concrete(m) for m in domain):  # the target parameters
+        dim = sum(int(np.count_nonzero(np.asarray(m))) for m in domain)
+    rank, num_steps = _check_steps(fn, rank, num_steps, dim)
+    _check_rtol(fn, rtol)
+    key = jax.random.key(0) if key is None else key
+    key_start, key = jax.random.split(key)
+    if start is None:
+        start = unravel(jax.random.normal(key_start, flat.shape, flat.dtype))
+    else:
+        _checks.check_like(fn, "start", start, A.like)
+    ravel = lambda tree: jax.flatten_util.ravel_pytree(tree)[0]
+    ones = unravel(jnp.ones_like(flat))
+    q0 = ravel(_masks.apply(A.codomain, start))
+    on_domain, on_codomain = ravel(_masks.apply(A.domain, ones)), ravel(_masks.apply(A.codomain, ones))
+    if symmetric:
+        out = _krylov.lanczos(_krylov.flat_op(A.matvec, unravel), q0, num_steps, key, on_domain)
+    else:
+        out = _krylov.bidiagonalize(_krylov.flat_op(A.matvec, unravel),
+                                    _krylov.flat_op(A.transpose_matvec, unravel), q0, num_steps, key,
+                                    on_codomain, on_domain)
+    return _factors(*out, rank, rtol, unravel, A.damping, None, A.curvature)
 
 
 def lanczos(matvec: Callable, start, *, num_steps: int, rank: int | None = None, rtol=None,
@@ -393,7 +396,7 @@ def lanczos(matvec: Callable, start, *, num_steps: int, rank: int | None = None,
     rank, num_steps = _check_steps("lowrank.lanczos", num_steps if rank is None else rank,
                                    num_steps, flat.shape[0])
     key = jax.random.key(0) if key is None else key
-    out = _lanczos(_flat_op(matvec, unravel), flat, num_steps, key, jnp.ones_like(flat))
+    out = _krylov.lanczos(_krylov.flat_op(matvec, unravel), flat, num_steps, key, jnp.ones_like(flat))
     return _factors(*out, rank, _check_rtol("lowrank.lanczos", rtol), unravel, 0.0, None, "hessian")
 
 
@@ -416,8 +419,8 @@ def bidiagonalize(matvec: Callable, rmatvec: Callable, start, *, num_steps: int,
                                    num_steps, flat.shape[0])
     key = jax.random.key(0) if key is None else key
     ones = jnp.ones_like(flat)
-    out = _bidiagonalize(_flat_op(matvec, unravel), _flat_op(rmatvec, unravel), flat, num_steps, key,
-                         ones, ones)
+    out = _krylov.bidiagonalize(_krylov.flat_op(matvec, unravel), _krylov.flat_op(rmatvec, unravel), flat,
+                                num_steps, key, ones, ones)
     return _factors(*out, rank, _check_rtol("lowrank.bidiagonalize", rtol), unravel, 0.0, None, "hessian")
 
 
@@ -426,7 +429,7 @@ def bidiagonalize(matvec: Callable, rmatvec: Callable, start, *, num_steps: int,
 
 def factorize(loss_fn: Callable, params, *args, rank: int, method: str = "if", mask=None,
               num_steps: int | None = None, rtol=None, damping=0.0, curvature="hessian", key=None,
-              start=None, chunk_size: int | None = None) -> Factors:
+              start=None, chunk_size: int | None = None, axis_name: str | None = None) -> Factors:
     r"""Factorise the operator of an influence ``method`` once, for any number of queries.
 
     ``method`` picks the operator (see the module table): Lanczos on H_λ
@@ -436,8 +439,8 @@ def factorize(loss_fn: Callable, params, *args, rank: int, method: str = "if", m
     query costs two projections (:class:`LowRank`).
 
     Args:
-      loss_fn, params, *args, mask, damping, curvature, chunk_size: as in
-        :func:`gifjax.influence` (``damping`` may be a
+      loss_fn, params, *args, mask, damping, curvature, chunk_size, axis_name:
+        as in :func:`gifjax.influence` (``damping`` may be a
         :class:`gifjax.AutoDamping`; the resolved λ is ``factors.damping``).
       rank: pairs kept (static), largest |θ| / σ first.
       method: ``"if"``, ``"pif"``, ``"fif"`` or ``"gif"`` (static).
@@ -471,37 +474,15 @@ def factorize(loss_fn: Callable, params, *args, rank: int, method: str = "if", m
       Damp (λ above the uncaptured bulk, then ``complement=1/λ``), or check
       :func:`approximation_error` before trusting the scores.
     """
-    from .influence import METHODS, _operator, _problem  # influence imports this module
-
     fn = "lowrank.factorize"
-    _checks.check_choice(fn, "method", method, METHODS)
-    mask = _masks.validate(mask, params, fn=fn)
-    masked = OPERATORS[method] != "hessian"
-    dim = _masks.size(params)
-    leaves = jax.tree_util.tree_leaves(mask)
-    if masked and all(_checks.is_concrete(m) for m in leaves):  # the domain: the target parameters
-        dim = sum(int(np.count_nonzero(np.asarray(m))) for m in leaves)
-    rank, num_steps = _check_steps(fn, rank, num_steps, dim)
-    _check_rtol(fn, rtol)
-    H, lam = _operator(fn, loss_fn, params, args, method, mask, damping, curvature, chunk_size)
-    prob = _problem(method, H, mask, adjoint=False)
-    key = jax.random.key(0) if key is None else key
-    flat, unravel = jax.flatten_util.ravel_pytree(params)
-    key_start, key = jax.random.split(key)
-    if start is None:
-        start = unravel(jax.random.normal(key_start, flat.shape, flat.dtype))
-    else:
-        _checks.check_like(fn, "start", start, params)
-    q0 = jax.flatten_util.ravel_pytree(prob.rhs(start))[0]
-    A = _flat_op(prob.matvec, unravel)
-    ones = jnp.ones_like(flat)
-    on_mask = jax.flatten_util.ravel_pytree(_masks.apply(mask, unravel(ones)))[0] if masked else ones
-    if prob.form == "symmetric":
-        out = _lanczos(A, q0, num_steps, key, on_mask)
-    else:
-        out = _bidiagonalize(A, _flat_op(prob.rmatvec, unravel), q0, num_steps, key, ones, on_mask)
-    kind = "hessian" if isinstance(curvature, str) else "ggn"
-    return _factors(*out, rank, rtol, unravel, lam, method, kind)
+    estimator = Estimator(method, mask).check(fn, params)
+    spec = curvature_spec(fn, curvature, damping=damping, chunk_size=chunk_size, axis_name=axis_name)
+    C = spec.resolve(loss_fn, params, *args, trace_mask=estimator.trace_mask)
+    problem = estimator.problem(C)
+    A = problem.operator if problem.form == "symmetric" else SolverState(problem.operator, problem.form).factor
+    f = _factorize(fn, A, symmetric=problem.form == "symmetric", rank=rank, num_steps=num_steps,
+                   rtol=rtol, key=key, start=start)
+    return dataclasses.replace(f, method=method)
 
 
 class Approximation(NamedTuple):
@@ -527,9 +508,6 @@ def approximation_error(loss_fn: Callable, params, factors: Factors, b, *args, m
     exact solver is ``LSTSQ`` (pseudo-inverse, robust where H is indefinite)
     at rtol 1e-10 (float64) or 1e-5 (float32). ``jax.vmap`` over b for many.
     """
-    from .influence import adjoint_solve, influence
-    from .solvers import LSTSQ
-
     fn = "lowrank.approximation_error"
     if not isinstance(factors, Factors) or factors.method is None:
         raise _checks.error(fn, "factors", type(factors).__name__,
@@ -570,6 +548,9 @@ def save(path, factors: Factors) -> None:
 
 def load(path, like) -> Factors:
     """Read factors written by :func:`save`; ``like`` (e.g. ``params``) gives the pytree structure."""
+    path = os.fspath(path)
+    if not os.path.exists(path) and os.path.exists(path + ".npz"):  # np.savez appends .npz
+        path = path + ".npz"
     with np.load(path) as data:
         treedef = jax.tree_util.tree_structure(like)
         n = treedef.num_leaves
@@ -589,8 +570,3 @@ def load(path, like) -> Factors:
         return Factors(jnp.asarray(data["values"]), left, side("right"), jnp.asarray(data["rank"]),
                        jnp.asarray(data["residuals"]), jnp.asarray(data["damping"]),
                        jnp.asarray(data["num_matvecs"]), method, str(data["curvature"]))
-
-
-def no_operator(v, **kw):
-    """Stands in for the curvature operator when a :class:`LowRank` solver answers alone."""
-    raise RuntimeError("gifjax.lowrank.LowRank answers from its factors; the operator is never applied.")

@@ -26,6 +26,8 @@ import numpy as np
 
 from . import _checks
 
+__all__ = ["apply", "count", "flat_indices", "fraction", "full_mask", "gather", "random_mask", "scatter", "size", "validate"]
+
 tree_map = jax.tree_util.tree_map
 
 
@@ -44,7 +46,7 @@ def validate(mask, params, *, fn: str = "masks.validate", allow_empty: bool = Fa
     if mask is None:
         return full_mask(params)
     _checks.check_like(fn, "mask", mask, params)
-    for path, leaf in zip(_checks._paths(params), jax.tree_util.tree_leaves(mask)):
+    for path, leaf in zip(_checks.tree_paths(params), jax.tree_util.tree_leaves(mask)):
         dtype = jnp.asarray(leaf).dtype if not hasattr(leaf, "dtype") else leaf.dtype
         if dtype != jnp.bool_:
             raise _checks.error(

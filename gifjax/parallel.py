@@ -80,9 +80,12 @@ from jax.sharding import PartitionSpec as P
 
 from . import _checks
 from . import curvature as _curv
-from . import influence as _core
-from . import masks as _masks
+from . import estimators as _core
 from . import solvers as _solvers
+from ._chunks import map_in_chunks, pad_rows
+from .operators import Estimator, curvature_spec
+
+__all__ = ["AXES", "adjoint_solve", "influence", "influence_scores", "make_mesh", "self_influence"]
 
 AXES = ("queries", "data")
 tree_map = jax.tree_util.tree_map
@@ -146,13 +149,6 @@ def _size(mesh, axis):
     return 1 if axis is None else mesh.shape[axis]
 
 
-def _pad(tree, n: int, multiple: int):
-    """Repeat the last example until the leading axis is a multiple of ``multiple``."""
-    pad = -n % multiple
-    return tree_map(lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)]) if pad else a,
-                    tree)
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def _sharded(job: _Job, params, dynamic, queries, train, args):
     """jit(shard_map(body)): pad queries / train, run the single-device function, trim."""
@@ -160,7 +156,8 @@ def _sharded(job: _Job, params, dynamic, queries, train, args):
     opts = dict(job.options)
     n_q = 0 if queries is None else _checks.leading_size("parallel", "queries", queries, nonempty=True)
     n_t = 0 if train is None else _checks.leading_size("parallel", "train", train, nonempty=True)
-    queries, train = _pad(queries, n_q, _size(mesh, q)), _pad(train, n_t, _size(mesh, d))
+    multiple = lambda n, axis: -(-n // _size(mesh, axis)) * _size(mesh, axis)
+    queries, train = pad_rows(queries, multiple(n_q, q)), pad_rows(train, multiple(n_t, d))
 
     if job.kind == "scores":
         def body(params, dynamic, queries, train, args):
@@ -173,10 +170,10 @@ def _sharded(job: _Job, params, dynamic, queries, train, args):
         chunk = opts.pop("test_chunk_size")
 
         def body(params, dynamic, queries, train, args):
-            solve = lambda tg: _core.adjoint_solve(job.loss_fn, params, tg, *args, axis_name=d,
-                                                   **dynamic, **opts)
-            return _core.map_in_chunks(jax.vmap(solve), queries, chunk,
-                                       caller="parallel.adjoint_solve", arg="test_grads")
+            s = _core.setup(job.loss_fn, params, *args, axis_name=d, adjoint=True,
+                            fn="parallel.adjoint_solve", **dynamic, **opts)
+            return map_in_chunks(jax.vmap(s.solve), queries, chunk,
+                                 caller="parallel.adjoint_solve", arg="test_grads")
         out_specs = P(q)
     elif job.kind == "self":
         def body(params, dynamic, queries, train, args):
@@ -231,11 +228,11 @@ def _run(fn, kind, loss_fn, params, args, *, mesh, query_axis, data_axis, method
     if query_axis is not None and query_axis == data_axis:
         raise _checks.error(fn, "data_axis", repr(data_axis), f"an axis other than query_axis={query_axis!r}",
                             "put queries and data on different mesh axes (make_mesh(queries, data)).")
-    _checks.check_choice(fn, "method", method, _core.METHODS)
-    _core._check_damping(fn, damping)
-    _core._check_curvature(fn, options.get("curvature", "hessian"), options.get("chunk_size"))
-    mask = None if mask is None else _masks.validate(mask, params, fn=fn)
-    solver = _core._resolve_solver(solver, method, fn)  # a pytree: traced fields stay traced
+    estimator = Estimator(method, mask).check(fn, params)
+    curvature_spec(fn, options.get("curvature", "hessian"), damping=damping,
+                   chunk_size=options.get("chunk_size"))  # clear errors before tracing
+    mask = estimator.mask
+    solver = _solvers.get_solver(solver, form=estimator.form, fn=fn)  # a pytree: traced fields stay traced
     if data_axis is not None:
         if not jax.tree_util.tree_leaves(args):
             raise _checks.error(fn, "*args", "no Hessian batch", f"data sharded over data_axis={data_axis!r}",
@@ -311,9 +308,8 @@ def adjoint_solve(loss_fn: Callable, params, test_grads, *args, mesh: Mesh,
     Returns:
       :class:`gifjax.Solution` batched over the n test points (``value``: the
       adjoint vectors s), sharded ``P(query_axis)`` when n is a multiple of
-      the axis size. With :class:`gifjax.AutoDamping`, λ is resolved per solve
-      (as in :func:`gifjax.adjoint_solve`); resolve it once with
-      :func:`gifjax.resolve_damping` and pass the number.
+      the axis size. The solver set-up (and a :class:`gifjax.AutoDamping`) is
+      shared by each device's queries.
     """
     fn = "parallel.adjoint_solve"
     leaves, ref = jax.tree_util.tree_leaves(test_grads), jax.tree_util.tree_leaves(params)

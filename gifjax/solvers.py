@@ -1,50 +1,73 @@
-"""Matrix-free linear solvers with one call shape and one result type.
+r"""Matrix-free linear solvers with one shape: ``init / compute / transpose``.
 
 Every solver is a small frozen configuration value (a pytree: tolerances,
 scales and damping are traced leaves, so sweeping them does not recompile;
-step budgets are static) that is called as::
+step budgets are static). After lineax, a solve has three steps:
 
-    solution = solver(matvec, b, rmatvec=None, form="symmetric")
+* ``state = solver.init(operator, form)`` builds what the solver reuses for
+  every right-hand side (a materialised matrix, a low-rank factorisation, a
+  preconditioner) — once, outside any ``vmap`` over queries;
+* ``solver.compute(state, b) → Solution`` solves for one right-hand side
+  (``jax.vmap`` it over many);
+* ``solver.transpose(state)`` is the state of the transposed problem (GIF's
+  influence scores need the adjoint of its least-squares update).
 
-on pytrees ``b`` (any structure) with a linear operator ``matvec: x ↦ A x``.
-``form`` says which problem is meant:
+``operator`` is a :class:`gifjax.operators.LinearOperator`; ``form`` says
+which problem is meant:
 
-=================  =======================================  =====================
-form               problem                                  needs
-=================  =======================================  =====================
-``"symmetric"``    A x = b, A symmetric (the IF / FIF case)  ``matvec``
-``"least_squares"`` min_x ‖A x − b‖₂ (GIF's update)          ``matvec``, ``rmatvec`` = Aᵀ
-``"min_norm"``     min ‖x‖ s.t. A x = b (GIF's adjoint)      ``matvec``, ``rmatvec`` = Aᵀ
-=================  =======================================  =====================
+=================  =======================================  ==================
+form               problem                                  answer
+=================  =======================================  ==================
+``"symmetric"``    A x = b, A symmetric (the IF / FIF case)  A⁻¹ b (A⁺ b)
+``"least_squares"`` min_x ‖A x − b‖₂ (GIF's update)          A⁺ b
+``"min_norm"``     min ‖x‖ s.t. A x = b (GIF's adjoint)      A⁺ b
+=================  =======================================  ==================
 
-Solvers that only handle symmetric positive-definite systems (``CG``,
-``LiSSA``) reach the other two forms through the normal equations
-Aᵀ A x = Aᵀ b, or A Aᵀ z = b with x = Aᵀ z. ``LSTSQ`` uses the numerically
-kinder CGLS / Craig recurrences instead, and ``Richardson`` always iterates on
+The two non-symmetric forms are solved through one *normal system* with the
+factor F (F = A for least squares, F = Aᵀ for minimum norm):
+
+    least squares:  Fᵀ F x = Fᵀ b,           x the answer;
+    minimum norm:   Fᵀ F z = b,  x = F z      (A Aᵀ z = b, x = Aᵀ z),
+
+so GIF's forward and adjoint solves share one PSD operator, P C_λ² P. A
+solver implements ``solve_symmetric`` and ``solve_normal`` (default: its
+symmetric method on FᵀF); LSTSQ runs CGLS / Craig recurrences that apply F
+and Fᵀ separately (‖F p‖², never pᵀFᵀFp), and Richardson iterates on the
 normal equations, as the GIF paper's code does.
+
+**Derivatives.** ``compute`` wraps the solve in ``jax.lax.custom_linear_solve``
+(for the normal forms: of FᵀF), so ``jax.grad`` / ``jax.jvp`` of a solution
+with respect to anything the operator or ``b`` depends on (parameters, data,
+damping) is implicit differentiation — one more solve of the same system,
+never an unrolled loop. The formulas are exact where the solver is, and
+assume the operator's null space does not move (true for the masked
+estimators with a nonsingular C_λ: their null space is the masked-out
+coordinates).
 
 The result is a :class:`Solution`: the value plus diagnostics — steps,
 operator applications (``num_matvecs``; one matvec is one HVP in gifjax),
 the residual norm the solver controls, ``converged`` and a ``failure`` code
 (see :data:`FAILURES`). Solvers never raise on numerical trouble and never
-hand back a silent NaN: divergence, indefinite curvature and breakdown come
-back flagged, with the last good iterate as the value.
+hand back a silent NaN (``throw=True`` raises instead, outside ``jit``).
 
 Tolerance solvers (CG, LSTSQ, Richardson) run in ``lax.while_loop``, so under
 ``jax.vmap`` each right-hand side stops on its own test; LiSSA runs a fixed
 budget in ``lax.scan``.
 
 Example:
-    >>> import jax.numpy as jnp
+    >>> import jax, jax.numpy as jnp
     >>> from gifjax import solvers
     >>> A = jnp.array([[3.0, 1.0], [1.0, 2.0]])
     >>> sol = solvers.CG(rtol=1e-6)(lambda x: A @ x, jnp.array([1.0, 0.0]))
     >>> bool(sol.converged), sol.value.round(4)
     (True, Array([ 0.4, -0.2], dtype=float32))
+    >>> jax.grad(lambda a: solvers.CG()(lambda x: a * x, jnp.ones(2)).value.sum())(2.0)
+    Array(-0.5, dtype=float32, weak_type=True)
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -53,8 +76,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _checks, _tree
+from ._conv_layout import canonicalize_convolutions
+from .operators import FORMS, LinearOperator
 
-FORMS = ("symmetric", "least_squares", "min_norm")
+__all__ = ["CG", "Dense", "FAILURES", "FORMS", "LSTSQ", "LiSSA", "Richardson", "SOLVERS", "Solution",
+           "Solver", "SolverState", "cg", "dense", "get_solver", "lissa", "lstsq", "power_iteration",
+           "richardson"]
 
 #: Names of the ``Solution.failure`` codes, indexed by code.
 FAILURES = (
@@ -67,6 +94,8 @@ FAILURES = (
 )
 # int32 scalars so loop carries keep one dtype with and without jax_enable_x64
 NONE, MAX_STEPS, INDEFINITE, DIVERGED, NONFINITE, BREAKDOWN = map(np.int32, range(len(FAILURES)))
+
+_TRANSPOSED_FORM = {"symmetric": "symmetric", "least_squares": "min_norm", "min_norm": "least_squares"}
 
 
 class Solution(NamedTuple):
@@ -104,37 +133,167 @@ def _solution(value, steps, matvecs, residual, converged, failure):
                     residual, jnp.asarray(converged), jnp.asarray(failure, jnp.int32))
 
 
-_pytree_dataclass = _tree.pytree_dataclass
+class SolverState(NamedTuple):
+    """What ``init`` built: the operator (prepared for loops), the form, the solver's own data."""
+
+    operator: LinearOperator
+    form: str
+    data: Any = None
+
+    @property
+    def factor(self) -> LinearOperator:
+        """F of the normal system FᵀF (A for least squares, Aᵀ for minimum norm)."""
+        return self.operator if self.form == "least_squares" else self.operator.T
+
+
+def _prepared(op: LinearOperator) -> LinearOperator:
+    """The operator with its convolutions in XLA:CPU's fast layout, once, where it enters a loop."""
+    if not op.conv_layout:
+        return op
+    wrap = canonicalize_convolutions
+    sample = None if op.sample is None else (lambda key, size: _prepared(op.sample(key, size)))
+    return LinearOperator(wrap(op.matvec), None if op.rmatvec is None else wrap(op.rmatvec),
+                          op.symmetric, op.psd, sample, op.damping, op.domain, op.codomain, op.name,
+                          op.curvature, False, op.like)
+
+
+def normal_operator(F: LinearOperator) -> LinearOperator:
+    """FᵀF as a symmetric PSD operator (sampled products use one minibatch for F and Fᵀ)."""
+    sample = None if F.sample is None else (lambda key, size: normal_operator(F.sample(key, size)))
+    return LinearOperator(lambda v: F.transpose_matvec(F(v)), None, True, True, sample, F.damping,
+                          F.domain, F.domain, F.name + "ᵀ" + F.name, F.curvature, F.conv_layout, F.like)
 
 
 class Solver:
-    """Base class: dispatch on ``form``; default forms via normal equations."""
+    """Base class: ``init / compute / transpose``, the call shape ``solver(matvec, b, ...)``.
 
-    def __call__(self, matvec: Callable, b, *, rmatvec: Callable | None = None,
-                 form: str = "symmetric") -> Solution:
+    Subclasses implement ``solve_symmetric(state, b)`` and may override
+    ``setup`` (shared work for ``init``), ``solve_normal(state, c)`` (FᵀF x =
+    c; default: ``solve_symmetric`` on FᵀF), ``factor_hints`` (cheap F / Fᵀ
+    applications, e.g. from factors) and ``configure`` (adjust the curvature
+    spec, e.g. to factors' damping).
+    """
+
+    # ------------------------------------------------------------------ the protocol
+
+    def init(self, operator: LinearOperator, form: str = "symmetric") -> SolverState:
+        """Prepare ``operator`` for ``form`` and build the solver's shared data."""
         name = f"solvers.{type(self).__name__}"
         _checks.check_choice(name, "form", form, FORMS)
-        if form != "symmetric" and rmatvec is None:
+        if not isinstance(operator, LinearOperator):
+            raise _checks.error(name, "operator", type(operator).__name__, "a gifjax.operators.LinearOperator",
+                                "wrap the function: LinearOperator(matvec, rmatvec) (or call solver(matvec, b)).",
+                                kind=TypeError)
+        if form != "symmetric" and operator.rmatvec is None and not operator.symmetric:
             raise _checks.error(name, "rmatvec", None, f"the transpose operator for form={form!r}",
                                 "pass rmatvec=lambda y: Aᵀ y (for a symmetric A, rmatvec=matvec).")
-        if form == "symmetric":
-            return self.symmetric(matvec, b)
-        if form == "least_squares":
-            return self.least_squares(matvec, rmatvec, b)
-        return self.min_norm(matvec, rmatvec, b)
+        operator = _prepared(operator)
+        return SolverState(operator, form, self.setup(operator, form))
 
-    def symmetric(self, A, b) -> Solution:
+    def compute(self, state: SolverState, b, *, throw: bool = False) -> Solution:
+        """Solve for one right-hand side ``b`` (differentiable; ``vmap`` it over many)."""
+        sol = _differentiable_solve(self, state, b)
+        if throw:
+            check_solution(f"solvers.{type(self).__name__}", sol)
+        return sol
+
+    def transpose(self, state: SolverState) -> SolverState:
+        """The state of the transposed problem (least squares ↔ min norm; symmetric: itself)."""
+        if state.form == "symmetric":
+            return state
+        return SolverState(state.operator.T, _TRANSPOSED_FORM[state.form], state.data)
+
+    def __call__(self, matvec: Callable, b, *, rmatvec: Callable | None = None,
+                 form: str = "symmetric", throw: bool = False) -> Solution:
+        """``compute(init(LinearOperator(matvec, rmatvec), form), b)`` for a plain function."""
+        symmetric = form == "symmetric"
+        op = LinearOperator(matvec, None if symmetric else rmatvec, symmetric=symmetric, like=b)
+        return self.compute(self.init(op, form), b, throw=throw)
+
+    # ------------------------------------------------------------------ what subclasses provide
+
+    def setup(self, operator: LinearOperator, form: str):
+        return None
+
+    def configure(self, spec, estimator, fn: str):
+        """The curvature spec this solver needs for ``estimator`` (default: unchanged)."""
+        return spec
+
+    def solve_symmetric(self, state: SolverState, b) -> Solution:
         raise NotImplementedError
 
-    def least_squares(self, A, At, b) -> Solution:
-        """Aᵀ A x = Aᵀ b (CGNR-style); counts two matvecs per normal product."""
-        sol = self.symmetric(lambda v, **kw: At(A(v, **kw), **kw), At(b))
-        return sol._replace(num_matvecs=2 * sol.num_matvecs + 1)
+    def solve_normal(self, state: SolverState, c) -> Solution:
+        """FᵀF x = c by the symmetric method on FᵀF; two matvecs per product."""
+        normal = SolverState(normal_operator(state.factor), "symmetric", state.data)
+        sol = self.solve_symmetric(normal, c)
+        return sol._replace(num_matvecs=2 * sol.num_matvecs)
 
-    def min_norm(self, A, At, b) -> Solution:
-        """A Aᵀ z = b, x = Aᵀ z (CGNE-style)."""
-        sol = self.symmetric(lambda v, **kw: A(At(v, **kw), **kw), b)
-        return sol._replace(value=At(sol.value), num_matvecs=2 * sol.num_matvecs + 1)
+    def factor_hints(self, state: SolverState):
+        """(z ↦ F z, b ↦ Fᵀ b) computed without the operator, or ``None`` each."""
+        return None, None
+
+
+# ----------------------------------------------------------------------------- the differentiable path
+
+
+def _split(sol: Solution):
+    return sol.value, sol._replace(value=None)
+
+
+def _differentiable_solve(solver: Solver, state: SolverState, b) -> Solution:
+    """The solve inside ``lax.custom_linear_solve``: implicit derivatives, no unrolled loops."""
+    op = state.operator
+    if state.form == "symmetric":
+        solve = lambda _, rhs: _split(solver.solve_symmetric(state, rhs))
+        x, aux = jax.lax.custom_linear_solve(op.matvec, b, solve, symmetric=True, has_aux=True)
+        return aux._replace(value=x)
+    F = state.factor
+    N = lambda v: F.transpose_matvec(F(v))
+    solve = lambda _, rhs: _split(solver.solve_normal(state, rhs))
+    apply_F, apply_Ft = solver.factor_hints(state)
+    if state.form == "least_squares":
+        c, extra = _apply(F.transpose_matvec, apply_Ft, b)
+        x, aux = jax.lax.custom_linear_solve(N, c, solve, symmetric=True, has_aux=True)
+    else:
+        z, aux = jax.lax.custom_linear_solve(N, b, solve, symmetric=True, has_aux=True)
+        x, extra = _apply(F.matvec, apply_F, z)
+    return aux._replace(value=x, num_matvecs=aux.num_matvecs + extra)
+
+
+def _apply(fn: Callable, hint: Callable | None, v):
+    """(fn(v), 1 matvec), or the solver's cheap ``hint(v)`` with fn's derivative (0 matvecs)."""
+    if hint is None:
+        return fn(v), 1
+    pure, consts = jax.closure_convert(fn, v)
+    return _value_with_derivative_of(pure, hint(v), consts, v), 0
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _value_with_derivative_of(pure, value, consts, v):
+    return value
+
+
+@_value_with_derivative_of.defjvp
+def _value_with_derivative_of_jvp(pure, primals, tangents):
+    value, consts, v = primals
+    _, dconsts, dv = tangents
+    _, out_dot = jax.jvp(lambda c, x: pure(x, *c), (consts, v), (dconsts, dv))
+    return value, out_dot
+
+
+def check_solution(fn: str, sol: Solution) -> Solution:
+    """Raise ``RuntimeError`` unless every solve in ``sol`` converged (concrete values only)."""
+    if not all(_checks.is_concrete(x) for x in (sol.converged, sol.failure)):
+        raise _checks.error(fn, "throw", True, "throw=False inside jit / vmap / grad tracing",
+                            "check `solution.converged` instead, or call eagerly to raise.")
+    bad = ~np.asarray(sol.converged)
+    if np.any(bad):
+        codes = np.asarray(sol.failure).ravel()[np.asarray(bad).ravel()]
+        names = sorted({FAILURES[int(c)] for c in codes})
+        raise RuntimeError(f"gifjax.{fn}: the solve did not converge ({', '.join(names)}; "
+                           f"residual norm {np.max(np.asarray(sol.residual_norm))!r}). Fix: raise max_steps, "
+                           "add damping, or pick another solver (see 'How to choose a solver' in the README).")
+    return sol
 
 
 # Krylov recurrences cannot resolve residuals below ~eps·‖rhs‖; iterating past that
@@ -157,58 +316,78 @@ def _default_steps(max_steps, b):
     return sum(int(jnp.size(x)) for x in jax.tree_util.tree_leaves(b))
 
 
+def finish(x, steps, matvecs, residual, met_tolerance, fail) -> Solution:
+    """The :class:`Solution` for solver authors: flags a non-finite value, sets ``max_steps``."""
+    # A NaN that slipped into the residual or the value (e.g. an operator
+    # that returned NaN on the first product) is reported, never returned.
+    finite = jnp.isfinite(residual) & _tree.all_finite(x)
+    fail = jnp.where(finite | (fail != NONE), fail, NONFINITE)
+    x = _tree.where(finite, x, _tree.zeros_like(x))
+    converged = met_tolerance & (fail == NONE)
+    fail = jnp.where(converged | (fail != NONE), fail, MAX_STEPS)
+    return _solution(x, steps, matvecs, residual, converged, fail)
+
+
 # ----------------------------------------------------------------------------- dense
 
 
-@_pytree_dataclass(static=("rcond",))
+@_tree.pytree_dataclass(static=("rcond",))
 class Dense(Solver):
-    """Materialise A column by column (n matvecs) and apply its pseudo-inverse.
+    """Materialise A column by column (n matvecs, in ``init``) and apply its pseudo-inverse.
 
-    The result is the minimum-norm least-squares solution A⁺ b for all three
-    forms, so masked (singular) operators such as P H P give exact zeros off
-    the mask. Symmetric A (form ``"symmetric"``) uses an eigendecomposition of
-    ½(A + Aᵀ), ~5–10× faster on CPU than the SVD inside ``lstsq``, which
-    the non-symmetric forms use; eigen/singular values below
-    ``rcond``·max|λ| count as zero (default: n·eps, as ``lstsq``). Under
-    ``vmap`` over b the matrix and its factorisation are built once. Use it
-    as the reference on small problems; cost n matvecs + O(n³).
+    The answer is A⁺ b for all three forms, so masked (singular) operators
+    such as P H P give exact zeros off the mask. Symmetric A uses an
+    eigendecomposition of ½(A + Aᵀ), ~5–10× faster on CPU than an SVD; the
+    normal forms use the SVD F = U Σ Vᵀ of their factor (x = V Σ⁻² Vᵀ Fᵀ b =
+    V Σ⁻¹ Uᵀ b, the conditioning of F, not of FᵀF). Eigen/singular values
+    below ``rcond``·max count as zero (default: n·eps, as ``lstsq``). The
+    matrix and its factorisation are built once in ``init`` and shared by
+    every right-hand side; cost n matvecs + O(n³). Use it as the reference
+    on small problems.
     """
 
     rcond: float | None = None
 
-    def symmetric(self, A, b):
-        return self._solve(A, b, normal=False, symmetric=True)
-
-    def least_squares(self, A, At, b):
-        return self._solve(A, b, normal=True)
-
-    def min_norm(self, A, At, b):
-        return self._solve(A, b, normal=False)
-
-    def _solve(self, A, b, *, normal, symmetric=False):
-        flat_b, unravel = jax.flatten_util.ravel_pytree(b)
-        n = flat_b.shape[0]
-        cols = jax.vmap(lambda e: jax.flatten_util.ravel_pytree(A(unravel(e)))[0])(
-            jnp.eye(n, dtype=flat_b.dtype))
+    def setup(self, operator, form):
+        A = operator if form == "symmetric" else SolverState(operator, form).factor
+        flat, unravel = jax.flatten_util.ravel_pytree(operator.like)
+        n = flat.shape[0]
+        cols = jax.vmap(lambda e: jax.flatten_util.ravel_pytree(A(unravel(e)))[0])(jnp.eye(n, dtype=flat.dtype))
         mat = cols.T
-        if symmetric:
-            x = _symmetric_pinv_solve(mat, flat_b, self.rcond)
-        else:
-            x = jnp.linalg.lstsq(mat, flat_b, rcond=self.rcond)[0]
-        r = flat_b - mat @ x
-        residual = jnp.linalg.norm(mat.T @ r if normal else r)
+        rcond = jnp.finfo(mat.dtype).eps * n if self.rcond is None else self.rcond
+        if form == "symmetric":
+            w, V = jnp.linalg.eigh(0.5 * (mat + mat.T))
+            keep = jnp.abs(w) > rcond * jnp.max(jnp.abs(w))
+            inv = jnp.where(keep, 1.0 / jnp.where(keep, w, 1.0), 0.0)
+            return dict(mat=mat, V=V, inv=inv, unravel=unravel)
+        U, sigma, Vt = jnp.linalg.svd(mat, full_matrices=False)
+        keep = sigma > rcond * jnp.max(sigma)
+        inv2 = jnp.where(keep, 1.0 / jnp.where(keep, sigma, 1.0) ** 2, 0.0)
+        return dict(mat=mat, V=Vt.T, inv=inv2, unravel=unravel)
+
+    def _answer(self, state, b, residual_of):
+        d = state.data
+        flat_b = jax.flatten_util.ravel_pytree(b)[0]
+        mm = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
+        x = mm(d["V"], d["inv"] * mm(d["V"].T, flat_b))
+        residual = jnp.linalg.norm(flat_b - residual_of(d["mat"], x, mm))
         finite = jnp.all(jnp.isfinite(x))
         x = jnp.where(finite, x, 0.0)
-        return _solution(unravel(x), 1, n, residual, finite, jnp.where(finite, NONE, NONFINITE))
+        return _solution(d["unravel"](x), 1, flat_b.shape[0], residual, finite,
+                         jnp.where(finite, NONE, NONFINITE))
 
+    def solve_symmetric(self, state, b):
+        return self._answer(state, b, lambda M, x, mm: mm(M, x))
 
-def _symmetric_pinv_solve(mat, b, rcond):
-    """A⁺ b for symmetric A by ``eigh``, cutting |λ| ≤ rcond·max|λ| like ``lstsq``."""
-    w, V = jnp.linalg.eigh(0.5 * (mat + mat.T))
-    rcond = jnp.finfo(mat.dtype).eps * mat.shape[0] if rcond is None else rcond
-    keep = jnp.abs(w) > rcond * jnp.max(jnp.abs(w))
-    inv = jnp.where(keep, 1.0 / jnp.where(keep, w, 1.0), 0.0)
-    return V @ (inv * (V.T @ b))
+    def solve_normal(self, state, c):
+        return self._answer(state, c, lambda M, x, mm: mm(M.T, mm(M, x)))
+
+    def factor_hints(self, state):
+        d = state.data
+        mm = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
+        flat = lambda v: jax.flatten_util.ravel_pytree(v)[0]
+        return (lambda z: d["unravel"](mm(d["mat"], flat(z))),
+                lambda b: d["unravel"](mm(d["mat"].T, flat(b))))
 
 
 def dense(matvec, b, *, rmatvec=None, form="symmetric", rcond=None) -> Solution:
@@ -219,7 +398,7 @@ def dense(matvec, b, *, rmatvec=None, form="symmetric", rcond=None) -> Solution:
 # ----------------------------------------------------------------------------- CG
 
 
-@_pytree_dataclass(static=("max_steps",))
+@_tree.pytree_dataclass(static=("max_steps",))
 class CG(Solver):
     """Conjugate gradients for symmetric positive-definite A x = b.
 
@@ -235,7 +414,8 @@ class CG(Solver):
     atol: Any = 0.0
     max_steps: int | None = None
 
-    def symmetric(self, A, b):
+    def solve_symmetric(self, state, b):
+        A = state.operator
         max_steps = _default_steps(self.max_steps, b)
         bnorm = _tree.norm(b)
         tol2 = _tolerance(self.rtol, self.atol, bnorm) ** 2
@@ -274,13 +454,15 @@ def cg(matvec, b, *, rmatvec=None, form="symmetric", rtol=1e-5, atol=0.0, max_st
 # ----------------------------------------------------------------------------- LSTSQ
 
 
-@_pytree_dataclass(static=("max_steps",))
+@_tree.pytree_dataclass(static=("max_steps",))
 class LSTSQ(Solver):
     """Least-squares Krylov solver: CGLS for min ‖Ax − b‖, Craig for min-norm.
 
-    * least_squares (GIF's update ``min_x ‖H P x − g‖``): CGLS, i.e. CG on
-      AᵀA x = Aᵀb without forming AᵀA; stops when the normal-equation
-      residual ‖Aᵀ(b − Ax)‖ ≤ max(rtol·‖Aᵀb‖, atol).
+    Both run on the normal system FᵀF x = c (module docstring) with F and Fᵀ
+    applied separately, the curvature measured as ‖F p‖²:
+
+    * least_squares (GIF's update ``min_x ‖H P x − g‖``): CGLS; stops when the
+      normal-equation residual ‖Aᵀ(b − Ax)‖ ≤ max(rtol·‖Aᵀb‖, atol).
     * min_norm (GIF's adjoint, used for influence scores): Craig's method
       (CGNE), x = Aᵀz with A Aᵀ z = b; stops on ‖b − Ax‖ ≤ max(rtol·‖b‖, atol).
     * symmetric: CGLS with Aᵀ = A, i.e. the least-squares (pseudo-inverse)
@@ -296,81 +478,45 @@ class LSTSQ(Solver):
     atol: Any = 0.0
     max_steps: int | None = None
 
-    def symmetric(self, A, b):
-        return self.least_squares(A, A, b)
+    def solve_symmetric(self, state, b):
+        sol = self._cgls(state.operator, state.operator(b))
+        return sol._replace(num_matvecs=sol.num_matvecs + 1)
 
-    def least_squares(self, A, At, b):
-        max_steps = _default_steps(self.max_steps, b)
-        s0 = At(b)
-        gamma0 = _tree.vdot(s0, s0)
+    def solve_normal(self, state, c):
+        return self._cgls(state.factor, c)
+
+    def _cgls(self, F, c):
+        max_steps = _default_steps(self.max_steps, c)
+        gamma0 = _tree.vdot(c, c)
         tol2 = _tolerance(self.rtol, self.atol, jnp.sqrt(gamma0), floor=True) ** 2
 
         def cond(st):
-            k, x, r, p, gamma, fail = st
+            k, x, s, p, gamma, fail = st
             return (k < max_steps) & (gamma > tol2) & (fail == NONE)
 
         def body(st):
-            k, x, r, p, gamma, fail = st
-            q = A(p)
+            k, x, s, p, gamma, fail = st
+            q = F(p)
             qq = _tree.vdot(q, q)
             alpha = gamma / qq
             x_new = _tree.axpy(alpha, p, x)
-            r_new = _tree.axpy(-alpha, q, r)
-            s = At(r_new)
-            gamma_new = _tree.vdot(s, s)
-            p_new = _tree.axpy(gamma_new / gamma, p, s)
+            s_new = _tree.axpy(-alpha, F.transpose_matvec(q), s)
+            gamma_new = _tree.vdot(s_new, s_new)
+            p_new = _tree.axpy(gamma_new / gamma, p, s_new)
             fail = _krylov_failure(qq, gamma_new, x_new)
             ok = fail == NONE
-            return (k + 1, _tree.where(ok, x_new, x), _tree.where(ok, r_new, r),
+            return (k + 1, _tree.where(ok, x_new, x), _tree.where(ok, s_new, s),
                     _tree.where(ok, p_new, p), jnp.where(ok, gamma_new, gamma), fail)
 
-        init = (jnp.int32(0), _tree.zeros_like(s0), b, s0, gamma0, jnp.int32(NONE))
+        init = (jnp.int32(0), _tree.zeros_like(c), c, c, gamma0, jnp.int32(NONE))
         k, x, _, _, gamma, fail = jax.lax.while_loop(cond, body, init)
-        return _finish(x, k, 1 + 2 * k, jnp.sqrt(gamma), gamma <= tol2, fail)
-
-    def min_norm(self, A, At, b):
-        max_steps = _default_steps(self.max_steps, b)
-        bnorm = _tree.norm(b)
-        tol2 = _tolerance(self.rtol, self.atol, bnorm, floor=True) ** 2
-        p0 = At(b)
-
-        def cond(st):
-            k, x, r, p, rr, fail = st
-            return (k < max_steps) & (rr > tol2) & (fail == NONE)
-
-        def body(st):
-            k, x, r, p, rr, fail = st
-            pp = _tree.vdot(p, p)
-            alpha = rr / pp
-            x_new = _tree.axpy(alpha, p, x)
-            r_new = _tree.axpy(-alpha, A(p), r)
-            rr_new = _tree.vdot(r_new, r_new)
-            p_new = _tree.axpy(rr_new / rr, p, At(r_new))
-            fail = _krylov_failure(pp, rr_new, x_new)
-            ok = fail == NONE
-            return (k + 1, _tree.where(ok, x_new, x), _tree.where(ok, r_new, r),
-                    _tree.where(ok, p_new, p), jnp.where(ok, rr_new, rr), fail)
-
-        init = (jnp.int32(0), _tree.zeros_like(p0), b, p0, bnorm**2, jnp.int32(NONE))
-        k, x, _, _, rr, fail = jax.lax.while_loop(cond, body, init)
-        return _finish(x, k, 1 + 2 * k, jnp.sqrt(rr), rr <= tol2, fail)
+        return finish(x, k, 2 * k, jnp.sqrt(gamma), gamma <= tol2, fail)
 
 
 def _krylov_failure(denominator, new_norm2, x_new):
     return jnp.where(
         ~(denominator > 0), BREAKDOWN,
         jnp.where(jnp.isfinite(new_norm2) & _tree.all_finite(x_new), NONE, NONFINITE))
-
-
-def _finish(x, steps, matvecs, residual, met_tolerance, fail):
-    # A NaN that slipped into the residual or the value (e.g. an operator
-    # that returned NaN on the first product) is reported, never returned.
-    finite = jnp.isfinite(residual) & _tree.all_finite(x)
-    fail = jnp.where(finite | (fail != NONE), fail, NONFINITE)
-    x = _tree.where(finite, x, _tree.zeros_like(x))
-    converged = met_tolerance & (fail == NONE)
-    fail = jnp.where(converged | (fail != NONE), fail, MAX_STEPS)
-    return _solution(x, steps, matvecs, residual, converged, fail)
 
 
 def lstsq(matvec, b, *, rmatvec=None, form="least_squares", rtol=1e-5, atol=0.0, max_steps=None):
@@ -381,7 +527,7 @@ def lstsq(matvec, b, *, rmatvec=None, form="least_squares", rtol=1e-5, atol=0.0,
 # ----------------------------------------------------------------------------- LiSSA
 
 
-@_pytree_dataclass(static=("num_steps", "num_power_steps", "batch_size"))
+@_tree.pytree_dataclass(static=("num_steps", "num_power_steps", "batch_size"))
 class LiSSA(Solver):
     """Neumann-series / LiSSA iteration (Agarwal et al. 2017; Koh & Liang 2017).
 
@@ -401,9 +547,9 @@ class LiSSA(Solver):
       rtol, atol: only decide the ``converged`` flag, from the final residual
         (one extra matvec with the full operator).
       batch_size, key: stochastic LiSSA. When ``batch_size`` is set, step k
-        calls ``matvec(v, key=fold_in(key, k))`` and the operator must then
-        use a random minibatch (``gifjax.influence`` builds such operators
-        from its ``*args``).
+        uses ``operator.sample(fold_in(key, k), batch_size)``, the operator on
+        a random minibatch of its data (operators built by
+        :class:`gifjax.operators.Curvature` from a data batch have one).
     """
 
     num_steps: int = 1000
@@ -415,8 +561,13 @@ class LiSSA(Solver):
     batch_size: int | None = None
     key: Any = None
 
-    def symmetric(self, A, b):
-        _checks.check_nonnegative("solvers.LiSSA", "damping", self.damping)
+    def solve_symmetric(self, state, b):
+        name = "solvers.LiSSA"
+        _checks.check_nonnegative(name, "damping", self.damping)
+        if self.scale is not None and _checks.is_concrete(self.scale) and not np.all(np.asarray(self.scale) > 0):
+            raise _checks.error(name, "scale", repr(self.scale), "a number > 0 (or None: estimated)",
+                                "pass scale=None to estimate it by power iteration, or a positive number.")
+        A = state.operator
         key = jax.random.key(0) if self.key is None else self.key
         full = lambda v: _tree.axpy(self.damping, v, A(v))
         extra = 1  # final residual
@@ -428,7 +579,12 @@ class LiSSA(Solver):
         if self.batch_size is None:
             step_op = lambda v, k: full(v)
         else:
-            step_op = lambda v, k: _tree.axpy(self.damping, v, A(v, key=jax.random.fold_in(key, k)))
+            if A.sample is None:
+                raise _checks.error(name, "batch_size", self.batch_size, "an operator with data to sample",
+                                    "pass the curvature batch as *args (not closed over in loss_fn), "
+                                    "or drop batch_size for deterministic LiSSA.")
+            step_op = lambda v, k: _tree.axpy(self.damping, v,
+                                              A.sample(jax.random.fold_in(key, k), self.batch_size)(v))
 
         bnorm = _tree.norm(b)
         limit = 1e4 * bnorm
@@ -446,7 +602,7 @@ class LiSSA(Solver):
                                     jnp.arange(self.num_steps))
         residual = _tree.norm(_tree.sub(b, full(x)))
         met = residual <= _tolerance(self.rtol, self.atol, bnorm)
-        return _finish(x, self.num_steps, self.num_steps + extra, residual, met, fail)
+        return finish(x, self.num_steps, self.num_steps + extra, residual, met, fail)
 
 
 def lissa(matvec, b, *, rmatvec=None, form="symmetric", **config) -> Solution:
@@ -477,7 +633,7 @@ def power_iteration(matvec, like, *, key, num_steps: int = 20):
 # ----------------------------------------------------------------------------- Richardson
 
 
-@_pytree_dataclass(static=("max_steps",))
+@_tree.pytree_dataclass(static=("max_steps",))
 class Richardson(Solver):
     """The GIF paper's solver: Richardson/Landweber on normal equations.
 
@@ -505,15 +661,13 @@ class Richardson(Solver):
     atol: Any = 0.0
     max_steps: int = 1000
 
-    def symmetric(self, A, b):
+    def solve_symmetric(self, state, b):
+        A = state.operator
         return self._iterate(lambda v: A(A(v)), A(b), extra=1)
 
-    def least_squares(self, A, At, b):
-        return self._iterate(lambda v: At(A(v)), At(b), extra=1)
-
-    def min_norm(self, A, At, b):
-        sol = self._iterate(lambda v: A(At(v)), b, extra=0)
-        return sol._replace(value=At(sol.value), num_matvecs=sol.num_matvecs + 1)
+    def solve_normal(self, state, c):
+        F = state.factor
+        return self._iterate(lambda v: F.transpose_matvec(F(v)), c, extra=0)
 
     def _iterate(self, N, rhs, *, extra):
         rhs_norm = _tree.norm(rhs)
@@ -550,7 +704,7 @@ class Richardson(Solver):
         r0 = _tree.norm(res0)
         init = (jnp.int32(0), x0, res0, r0, c0, jnp.int32(NONE), x0, r0)
         k, _, _, _, _, fail, best, best_norm = jax.lax.while_loop(cond, body, init)
-        return _finish(best, k, 2 * (k + 1) + extra, best_norm, best_norm <= tol, fail)
+        return finish(best, k, 2 * (k + 1) + extra, best_norm, best_norm <= tol, fail)
 
 
 def richardson(matvec, b, *, rmatvec=None, form="least_squares", **config) -> Solution:
@@ -561,14 +715,18 @@ def richardson(matvec, b, *, rmatvec=None, form="least_squares", **config) -> So
 # ----------------------------------------------------------------------------- names
 
 SOLVERS = {"dense": Dense, "cg": CG, "lstsq": LSTSQ, "lissa": LiSSA, "richardson": Richardson}
+#: What ``solver="auto"`` means for each form.
+AUTO = {"symmetric": CG, "least_squares": LSTSQ, "min_norm": LSTSQ}
 
 
-def get_solver(solver, *, fn: str = "solvers.get_solver") -> Solver:
-    """A solver value from a name in :data:`SOLVERS` (defaults) or a config value."""
+def get_solver(solver, *, form: str = "symmetric", fn: str = "solvers.get_solver") -> Solver:
+    """A solver value from ``"auto"`` (by ``form``, see :data:`AUTO`), a name in :data:`SOLVERS`, or a value."""
     if isinstance(solver, Solver):
         return solver
+    if isinstance(solver, str) and solver == "auto":
+        return AUTO[form]()
     if isinstance(solver, str) and solver in SOLVERS:
         return SOLVERS[solver]()
     raise _checks.error(
-        fn, "solver", repr(solver), f"one of {sorted(SOLVERS)} or a solver value such as CG(rtol=1e-8)",
+        fn, "solver", repr(solver), f"one of {sorted(SOLVERS)}, 'auto', or a solver value such as CG(rtol=1e-8)",
         "pick a name from that list, or configure one, e.g. gifjax.solvers.LSTSQ(rtol=1e-8).")

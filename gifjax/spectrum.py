@@ -39,11 +39,12 @@ import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 
-from . import _checks
-from . import lowrank as _lowrank
+from . import _checks, _krylov
 from . import masks as _masks
 from . import solvers as _solvers
-from .influence import _operator
+from .operators import Estimator, curvature_spec
+
+__all__ = ["EIGENSOLVERS", "NegativeRate", "Spectrum", "WHICH", "eigenvalues", "eigsh", "negative_rate"]
 
 WHICH = ("largest", "smallest", "magnitude")
 EIGENSOLVERS = ("lanczos", "power")
@@ -75,7 +76,7 @@ def _select(values, which, k):
 
 
 def _lanczos(A, q0, k, which, num_steps, key, support):
-    theta, vectors, _, residuals, count = _lowrank._lanczos(A, q0, num_steps, key, support)
+    theta, vectors, _, residuals, count = _krylov.lanczos(A, q0, num_steps, key, support)
     order = _select(theta, which, k)
     return theta[order], vectors[order], residuals[order], count
 
@@ -107,7 +108,7 @@ def _power(A, q0, k, which, num_steps, key, support):
     return theta[order], Y[order], residuals[order], k * (num_steps + 1) + extra
 
 
-def eigsh(matvec: Callable, like, *, k: int, which: str = "largest", method: str = "lanczos",
+def eigsh(matvec: Callable, like, *, k: int, which: str = "largest", eigensolver: str = "lanczos",
           num_steps: int | None = None, key=None, mask=None, return_vectors: bool = False) -> Spectrum:
     r"""k extremal eigenvalues of a symmetric operator on pytrees (matrix-free).
 
@@ -117,7 +118,7 @@ def eigsh(matvec: Callable, like, *, k: int, which: str = "largest", method: str
       k: number of eigenvalues (static).
       which: ``"largest"`` (top-k), ``"smallest"`` (bottom-k) or
         ``"magnitude"`` (largest |λ|) — static.
-      method: ``"lanczos"`` (default) or ``"power"`` (subspace iteration) —
+      eigensolver: ``"lanczos"`` (default) or ``"power"`` (subspace iteration) —
         static.
       num_steps: Lanczos steps (default min(dim, 2k + 10), ≤ dim) or power
         iterations (default 100) — static.
@@ -142,7 +143,7 @@ def eigsh(matvec: Callable, like, *, k: int, which: str = "largest", method: str
     """
     fn = "spectrum.eigsh"
     _checks.check_choice(fn, "which", which, WHICH)
-    _checks.check_choice(fn, "method", method, EIGENSOLVERS)
+    _checks.check_choice(fn, "eigensolver", eigensolver, EIGENSOLVERS)
     flat, unravel = jax.flatten_util.ravel_pytree(like)
     dim = flat.shape[0]
     if mask is not None:
@@ -154,25 +155,25 @@ def eigsh(matvec: Callable, like, *, k: int, which: str = "largest", method: str
         raise _checks.error(fn, "k", repr(k), f"an int in [1, {dim}] (the dimension)",
                             f"ask for at most {dim} eigenvalues.")
     if num_steps is None:
-        num_steps = min(dim, 2 * k + 10) if method == "lanczos" else 100
+        num_steps = min(dim, 2 * k + 10) if eigensolver == "lanczos" else 100
     if not isinstance(num_steps, (int, np.integer)) or num_steps < 1 or (
-            method == "lanczos" and not k <= num_steps <= dim):
-        expected = f"an int in [{k}, {dim}]" if method == "lanczos" else "a positive int"
+            eigensolver == "lanczos" and not k <= num_steps <= dim):
+        expected = f"an int in [{k}, {dim}]" if eigensolver == "lanczos" else "a positive int"
         raise _checks.error(fn, "num_steps", repr(num_steps), expected,
                             "Lanczos needs k <= num_steps <= dim; num_steps = dim is exact.")
     key = jax.random.key(0) if key is None else key
-    A = _lowrank._flat_op(matvec, unravel)
+    A = _krylov.flat_op(matvec, unravel)
     support = jax.flatten_util.ravel_pytree(_masks.apply(mask, unravel(jnp.ones_like(flat))))[0]
     key_start, key = jax.random.split(key)
     q0 = jax.random.normal(key_start, flat.shape, flat.dtype) * support
-    run = _lanczos if method == "lanczos" else _power
+    run = _lanczos if eigensolver == "lanczos" else _power
     values, vectors, residuals, count = run(A, q0, k, which, num_steps, key, support)
     vectors = jax.vmap(unravel)(vectors) if return_vectors else None
     return Spectrum(values, vectors, residuals, jnp.asarray(count, jnp.int32))
 
 
 def eigenvalues(loss_fn: Callable, params, *args, k: int, which: str = "largest",
-                method: str = "lanczos", mask=None, curvature="hessian", damping=0.0,
+                eigensolver: str = "lanczos", mask=None, curvature="hessian", damping=0.0,
                 num_steps: int | None = None, key=None, chunk_size: int | None = None,
                 return_vectors: bool = False) -> Spectrum:
     r"""k eigenvalues of the curvature C of ``loss_fn`` (or of its target block C_tt).
@@ -190,14 +191,12 @@ def eigenvalues(loss_fn: Callable, params, *args, k: int, which: str = "largest"
       Array([ 2., -1.], dtype=float32)
     """
     fn = "spectrum.eigenvalues"
-    if mask is not None:
-        mask = _masks.validate(mask, params, fn=fn)
-    method_ = "if" if mask is None else "fif"
-    H, _ = _operator(fn, loss_fn, params, args, method_, mask, damping, curvature,
-                                chunk_size)
-    op = H if mask is None else (lambda v: _masks.apply(mask, H(_masks.apply(mask, v))))
-    return eigsh(op, params, k=k, which=which, method=method, num_steps=num_steps, key=key,
-                 mask=mask, return_vectors=return_vectors)
+    estimator = Estimator("if" if mask is None else "fif", mask).check(fn, params)
+    spec = curvature_spec(fn, curvature, damping=damping, chunk_size=chunk_size)
+    C = spec.resolve(loss_fn, params, *args, trace_mask=estimator.trace_mask)
+    op = estimator.problem(C).operator  # C, or P C P on the mask
+    return eigsh(op, params, k=k, which=which, eigensolver=eigensolver, num_steps=num_steps, key=key,
+                 mask=estimator.mask, return_vectors=return_vectors)
 
 
 class NegativeRate(NamedTuple):
@@ -209,7 +208,7 @@ class NegativeRate(NamedTuple):
 
 
 def negative_rate(loss_fn: Callable, params, *args, k: int, mask=None, curvature="hessian",
-                  method: str = "lanczos", num_steps: int | None = None, key=None,
+                  eigensolver: str = "lanczos", num_steps: int | None = None, key=None,
                   chunk_size: int | None = None) -> NegativeRate:
     r"""Fraction of negative eigenvalues among the k largest-magnitude eigenvalues of H.
 
@@ -224,6 +223,6 @@ def negative_rate(loss_fn: Callable, params, *args, k: int, mask=None, curvature
       Eigenvalues with |λ| near the k-th largest converge last: use
       num_steps ≳ 2k (default 2k + 10) and check ``residuals``.
     """
-    spec = eigenvalues(loss_fn, params, *args, k=k, which="magnitude", method=method, mask=mask,
+    spec = eigenvalues(loss_fn, params, *args, k=k, which="magnitude", eigensolver=eigensolver, mask=mask,
                        curvature=curvature, num_steps=num_steps, key=key, chunk_size=chunk_size)
     return NegativeRate(jnp.mean(spec.values < 0), spec.values, spec.residuals)

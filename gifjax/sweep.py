@@ -46,8 +46,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _checks
-from .influence import METHODS, _shared_damping, adjoint_solve, map_in_chunks
-from . import lowrank as _lowrank
+from ._chunks import pad_rows
+from .estimators import adjoint_solves, contract
+from .operators import METHODS
+
+__all__ = ["FORMAT", "MANIFEST", "StreamScores", "score_stream"]
 
 tree_map = jax.tree_util.tree_map
 
@@ -124,14 +127,6 @@ def _chunks(fn, train_examples, chunk_size):
     total = -(-n // chunk_size)
     return ((tree_map(lambda a: a[s:s + chunk_size], train_examples), min(chunk_size, n - s))
             for s in range(0, n, chunk_size)), total
-
-
-def _pad(chunk, m, size):
-    """Pad a chunk of m rows to ``size`` by repeating its last row (finite inputs, masked later)."""
-    if m == size:
-        return chunk
-    return tree_map(lambda a: np.concatenate([np.asarray(a), np.repeat(np.asarray(a)[-1:], size - m, 0)]),
-                    chunk)
 
 
 def _merge(best_s, best_i, block, start, k, largest):
@@ -216,7 +211,7 @@ def _progress_bar(progress, total):
 def score_stream(loss_fn: Callable, params, example_loss_fn: Callable, train_examples,
                  test_examples, *args, mask=None, method: str = "if", solver="auto",
                  damping=0.0, chunk_size: int | None = None, curvature="hessian",
-                 test_chunk_size: int = 16, train_chunk_size: int | None = None,
+                 axis_name: str | None = None, test_chunk_size: int = 16, train_chunk_size: int | None = None,
                  top_k: int = 10, keep_full: bool = False, out_dir: str | os.PathLike | None = None,
                  config_id: str = "", progress: bool = True,
                  callback: Callable[[int, int | None], Any] | None = None) -> StreamScores:
@@ -259,7 +254,7 @@ def score_stream(loss_fn: Callable, params, example_loss_fn: Callable, train_exa
 
     Args:
       loss_fn, params, *args, mask, method, solver, damping, chunk_size,
-        curvature, test_chunk_size: as in :func:`gifjax.influence_scores`.
+        curvature, axis_name, test_chunk_size: as in :func:`gifjax.influence_scores`.
       example_loss_fn: ``example_loss_fn(params, example) -> scalar`` for one
         example (no batch axis).
       train_examples: a pytree of arrays with a leading axis N (numpy
@@ -303,11 +298,10 @@ def score_stream(loss_fn: Callable, params, example_loss_fn: Callable, train_exa
     """
     fn = "sweep.score_stream"
     _checks.check_choice(fn, "method", method, METHODS)
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
-        raise _checks.error(fn, "top_k", repr(top_k), "a positive int", "pass e.g. top_k=10.")
-    if train_chunk_size is not None and (not isinstance(train_chunk_size, int) or train_chunk_size < 1):
-        raise _checks.error(fn, "train_chunk_size", repr(train_chunk_size), "a positive int or None",
-                            "pass e.g. train_chunk_size=256.")
+    top_k = _checks.check_positive_int(fn, "top_k", top_k, example="top_k=10")
+    if train_chunk_size is not None:
+        train_chunk_size = _checks.check_positive_int(fn, "train_chunk_size", train_chunk_size,
+                                                      example="train_chunk_size=256")
     if callback is not None and not callable(callback):
         raise _checks.error(fn, "callback", repr(callback), "None or callable(chunk_index, num_chunks)",
                             "pass a function, e.g. lambda i, n: print(i, n).")
@@ -340,26 +334,16 @@ def score_stream(loss_fn: Callable, params, example_loss_fn: Callable, train_exa
 
     # One solve per test point, shared by every training chunk.
     grad_fn = jax.vmap(jax.grad(example_loss_fn), in_axes=(None, 0))
-    lam = _shared_damping(fn, loss_fn, params, args, mask, method, solver, damping,
-                               chunk_size, curvature)
-
-    def solve_chunk(chunk):
-        return jax.vmap(lambda tg: adjoint_solve(
-            loss_fn, params, tg, *args, mask=mask, method=method, solver=solver,
-            damping=lam, chunk_size=chunk_size, curvature=curvature))(grad_fn(params, chunk))
-
-    sols = map_in_chunks(solve_chunk, test_examples, test_chunk_size, caller=fn,
-                              arg="test_examples")
+    sols, lam = adjoint_solves(loss_fn, params, example_loss_fn, test_examples, *args, mask=mask,
+                               method=method, solver=solver, damping=damping, chunk_size=chunk_size,
+                               curvature=curvature, axis_name=axis_name,
+                               test_chunk_size=test_chunk_size, fn=fn)
     S = sols.value
     n_test = _checks.leading_size(fn, "test_examples", test_examples)
 
     @jax.jit
     def score_chunk(params, S, chunk):
-        G = grad_fn(params, chunk)
-        leaves = jax.tree_util.tree_leaves(tree_map(
-            lambda gl, sl: -jnp.einsum("i...,j...->ij", gl, sl, precision=jax.lax.Precision.HIGHEST),
-            G, S))
-        return sum(leaves[1:], leaves[0])
+        return contract(grad_fn(params, chunk), S)
 
     if out_dir is not None:
         out_dir = os.fspath(out_dir)
@@ -407,7 +391,7 @@ def score_stream(loss_fn: Callable, params, example_loss_fn: Callable, train_exa
                             "feed the same chunks as the interrupted run, or use a fresh out_dir.")
                     block = z["scores"]
             if block is None:
-                padded = tree_map(jnp.asarray, _pad(chunk, m, size))
+                padded = tree_map(jnp.asarray, pad_rows(chunk, size))
                 block = np.asarray(score_chunk(params, S, padded))[:m]
                 computed.append(c)
                 if path is not None:
@@ -425,7 +409,5 @@ def score_stream(loss_fn: Callable, params, example_loss_fn: Callable, train_exa
     finally:
         if bar is not None:
             bar.close()
-    if isinstance(solver, _lowrank.LowRank):
-        lam = solver.factors.damping
     return StreamScores(top_i, top_s, bot_i, bot_s, np.concatenate(full) if keep_full else None,
                         start, sols, jnp.asarray(lam), tuple(computed))

@@ -279,3 +279,16 @@ def test_canonical_only_functions_run_as_is(x64):
     out = canonicalize_convolutions(f)(w, x)
     np.testing.assert_array_equal(out, f(w, x))
     assert len(calls) == 3  # traced once to inspect, then called as-is (no re-evaluation)
+
+
+def test_operators_enter_solver_loops_rewritten_once_unless_opted_out():
+    from gifjax import operators, solvers
+
+    loss = lambda w: jnp.sum(w ** 2)
+    for flag in (True, False):
+        op = operators.Curvature(conv_layout=flag).resolve(loss, jnp.ones(3))
+        prepared = solvers.CG().init(op).operator
+        assert (prepared.matvec is op.matvec) is (not flag or jax.default_backend() != "cpu")
+        assert not prepared.conv_layout  # never wrapped twice
+        chex_close = jnp.allclose(prepared.matvec(jnp.ones(3)), op.matvec(jnp.ones(3)))
+        assert bool(chex_close)

@@ -27,9 +27,9 @@ def expected(w, which, k):
     return w[np.argsort(key)[:k]]
 
 
-def eig(method="lanczos", **kw):
+def eig(eigensolver="lanczos", **kw):
     problem, *_ = setup()
-    return spectrum.eigenvalues(problem.loss, problem.params, problem.x, problem.y, method=method, **kw)
+    return spectrum.eigenvalues(problem.loss, problem.params, problem.x, problem.y, eigensolver=eigensolver, **kw)
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -60,7 +60,7 @@ def test_partial_lanczos_resolves_the_ends_with_honest_residual_bounds(x64):
 def test_power_iteration_matches_eigvalsh(which, masked, x64):
     _, mask, w, w_tt = setup()
     ref = w_tt if masked else w
-    out = eig(method="power", k=2, which=which, mask=mask if masked else None, num_steps=400)
+    out = eig(eigensolver="power", k=2, which=which, mask=mask if masked else None, num_steps=400)
     np.testing.assert_allclose(out.values, expected(ref, which, 2), rtol=1e-6, atol=1e-8)
     assert np.all(np.asarray(out.residuals) < 1e-4)
 
@@ -106,8 +106,8 @@ def test_generic_eigsh_on_a_matrix():
 def test_input_errors(x64):
     with pytest.raises(ValueError, match=r"gifjax\.spectrum\.eigsh: bad `which`: got 'top'; expected one of \['largest', 'magnitude', 'smallest'\]"):
         eig(k=2, which="top")
-    with pytest.raises(ValueError, match=r"gifjax\.spectrum\.eigsh: bad `method`: got 'arnoldi'"):
-        eig(k=2, method="arnoldi")
+    with pytest.raises(ValueError, match=r"gifjax\.spectrum\.eigsh: bad `eigensolver`: got 'arnoldi'"):
+        eig(k=2, eigensolver="arnoldi")
     with pytest.raises(ValueError, match=r"gifjax\.spectrum\.eigsh: bad `k`: got 60; expected an int in \[1, 51\]"):
         eig(k=60)
     _, mask, _, w_tt = setup()

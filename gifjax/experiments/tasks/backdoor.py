@@ -71,16 +71,16 @@ class Trigger:
 
     def validate(self, fn: str = "experiments.tasks.backdoor.Trigger", num_classes: int | None = None):
         """Check the fields; return ``self``."""
-        if not common._is_number(self.max_value) or not 0 < self.max_value < np.inf:
+        if not common.is_number(self.max_value) or not 0 < self.max_value < np.inf:
             raise _checks.error(fn, "max_value", repr(self.max_value), "a finite number > 0",
                                 "pass the raw pixel maximum, e.g. 255.0 (16.0 for digits).")
-        if not common._is_number(self.amount) or not 0 < self.amount <= self.max_value:
+        if not common.is_number(self.amount) or not 0 < self.amount <= self.max_value:
             raise _checks.error(fn, "amount", repr(self.amount), f"a number in (0, {self.max_value}]",
                                 "pass the raw-scale brightness added, e.g. amount=16.0.")
-        if not common._is_number(self.fraction) or not 0 < self.fraction < 1:
+        if not common.is_number(self.fraction) or not 0 < self.fraction < 1:
             raise _checks.error(fn, "fraction", repr(self.fraction), "a float in (0, 1)",
                                 "pass e.g. fraction=0.1 to poison 10 % of the training images.")
-        if (not common._is_int(self.target) or self.target < 0
+        if (not common.is_int(self.target) or self.target < 0
                 or (num_classes is not None and self.target >= num_classes)):
             raise _checks.error(fn, "target", repr(self.target),
                                 f"a class label in [0, {num_classes if num_classes else 'C'})",
@@ -357,11 +357,11 @@ def run_experiment(dataset, *, trigger: Trigger | None = None, model="cnn", meth
     Arguments as in :func:`gifjax.experiments.tasks.class_removal.run_experiment`, plus
     ``trigger`` (default :func:`trigger_for` the data set).
     """
-    from .class_removal import _check_methods  # one shared check
+    from .class_removal import check_methods  # one shared check
 
     fn = "experiments.tasks.backdoor.run_experiment"
     config.validate(fn)
-    methods = _check_methods(fn, methods)
+    methods = check_methods(fn, methods)
     say = log or (lambda *a, **k: None)
     poisoned = poison(dataset, trigger, seed=training.seed)
     net = _models.create(model, dataset.num_classes) if isinstance(model, str) else model

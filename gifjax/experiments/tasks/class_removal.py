@@ -277,7 +277,7 @@ def run_experiment(dataset, removed_class: int, *, model="cnn", methods=METHODS,
     fn = "experiments.tasks.class_removal.run_experiment"
     config.validate(fn)
     _check_class(fn, dataset, removed_class)
-    methods = _check_methods(fn, methods)
+    methods = check_methods(fn, methods)
     say = log or (lambda *a, **k: None)
     net = _models.create(model, dataset.num_classes) if isinstance(model, str) else model
 
@@ -300,7 +300,7 @@ def run_experiment(dataset, removed_class: int, *, model="cnn", methods=METHODS,
                              selection_s, net, variables)
 
 
-def _check_methods(fn, methods):
+def check_methods(fn, methods):
     methods = (methods,) if isinstance(methods, str) else tuple(methods)
     if not methods or any(m not in METHODS for m in methods) or len(set(methods)) != len(methods):
         raise _checks.error(fn, "methods", repr(methods),

@@ -98,7 +98,7 @@ class TaskConfig:
         _checks.check_choice(fn, "rule", self.rule, RULES)
         _checks.check_choice(fn, "scores", self.scores, SCORES)
         _checks.check_choice(fn, "protocol", self.protocol, PROTOCOLS)
-        if not _is_number(self.ratio) or not 0 < self.ratio <= 1:
+        if not is_number(self.ratio) or not 0 < self.ratio <= 1:
             raise _checks.error(fn, "ratio", repr(self.ratio), "a float in (0, 1]",
                                 "pass e.g. ratio=0.05 to select 5 % of each layer's parameters.")
         if self.rule == "exclusive" and self.ratio > 0.5:
@@ -106,21 +106,21 @@ class TaskConfig:
                                 "lower the ratio or use another rule.")
         _checks.check_nonnegative(fn, "damping", self.damping)
         for arg, value in (("max_steps", self.max_steps), ("num_steps", self.num_steps)):
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 raise _checks.error(fn, arg, repr(value), "an int >= 1",
                                     f"pass `{arg}` as a positive whole number.")
-        if self.hessian_size is not None and (not _is_int(self.hessian_size)
+        if self.hessian_size is not None and (not is_int(self.hessian_size)
                                               or self.hessian_size < 1):
             raise _checks.error(fn, "hessian_size", repr(self.hessian_size), "None or an int >= 1",
                                 "pass e.g. hessian_size=512, or None for all examples.")
-        if not _is_number(self.min_step) or not 0 < self.min_step < np.inf:
+        if not is_number(self.min_step) or not 0 < self.min_step < np.inf:
             raise _checks.error(fn, "min_step", repr(self.min_step), "a finite float > 0",
                                 "pass the smallest non-zero step length to try, e.g. min_step=0.01.")
-        if not _is_number(self.max_step) or not self.min_step <= self.max_step < np.inf:
+        if not is_number(self.max_step) or not self.min_step <= self.max_step < np.inf:
             raise _checks.error(fn, "max_step", repr(self.max_step),
                                 f"a finite float >= min_step ({self.min_step!r})",
                                 "pass the largest step length to try, e.g. max_step=100.0.")
-        if not _is_int(self.seed):
+        if not is_int(self.seed):
             raise _checks.error(fn, "seed", repr(self.seed), "an int", "pass e.g. seed=0.")
         return self
 
@@ -158,11 +158,11 @@ class TrainConfig:
                     weight_decay=self.weight_decay, seed=self.seed, progress=progress)
 
 
-def _is_int(v) -> bool:
+def is_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
-def _is_number(v) -> bool:
+def is_number(v) -> bool:
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
 
 

@@ -1,0 +1,393 @@
+r"""Influence estimators IF / PIF / FIF / GIF and influence scores.
+
+This is the one place where curvature operators, masks and solvers meet.
+For a gradient ``g`` (of the loss of the data to remove, scaled as you wish)
+and H_λ = ∇²loss_fn(params, \*args) + λI, with P the element mask of target
+parameters:
+
+======  ==========================================  ===========================
+method  parameter change Δ                          solved as
+======  ==========================================  ===========================
+``if``  Δ = H_λ⁻¹ g (all parameters)                 symmetric  H_λ x = g
+``pif`` Δ = P H_λ⁻¹ g (projected IF)                 symmetric, then masked
+``fif`` Δ_t = [H_λ]_tt⁻¹ g_t (freeze θ_f)            symmetric  P H_λ P x = P g
+``gif`` Δ = argmin_{x = Px} ‖H_λ x − g‖₂ (Lyu+ 24)   least squares, A = H_λ P
+======  ==========================================  ===========================
+
+GIF keeps the linearised stationarity condition of *all* parameters
+satisfied in least squares while moving only θ_t; its normal equations are
+[H_λ²]_tt x = [H_λ g]_t, positive semi-definite even where H is indefinite.
+With an all-true mask and invertible H_λ the four coincide.
+
+Sign convention (Koh & Liang 2017): Δ is the parameter change that *removes*
+the data behind ``g`` (for one example z of n, g = ∇ℓ(z)/n gives the
+leave-one-out change θ̂₋z − θ̂ ≈ Δ). Influence scores use the *upweighting*
+sign,
+
+    I[i, j] = −∇ℓ(test_j)ᵀ Δ(∇ℓ(train_i)),
+
+so removing training point i changes test loss j by ≈ −I[i, j] / n.
+Scores need one solve per *test* point: ∇ℓ(test)ᵀ Δ(g) = sᵀ g with s the
+adjoint solve (H_λ⁻¹ P∇ for PIF; the min-norm solution of P H_λ s = P∇ for
+GIF, because (H_λ P)⁺ᵀ = (P H_λ)⁺).
+
+Every function here reads the same way: build the curvature operator
+(:class:`gifjax.operators.Curvature` from ``curvature``, ``damping``,
+``chunk_size``, ``axis_name``), take the problem from the estimator table
+(:class:`gifjax.operators.Estimator` from ``method`` and ``mask``), and call
+the solver (``init`` once, ``compute`` per right-hand side; the adjoint is
+``transpose``). The options, shared by every estimator:
+
+* ``curvature="hessian"`` (H = ∇²loss_fn), ``gifjax.GGN(apply_fn,
+  output_loss)`` (the Gauss–Newton matrix Jᵀ H_out J, PSD by construction),
+  or a whole :class:`gifjax.operators.Curvature` value;
+* ``damping=λ`` or ``gifjax.AutoDamping(fraction, key=...)``: λ = fraction ×
+  the mean eigenvalue of the curvature (a Hutchinson trace estimate),
+  reported as ``damping`` in the results;
+* ``solver``: ``"auto"`` (CG for if/pif/fif, LSTSQ for gif), a name, a
+  configured value such as ``gifjax.solvers.CG(rtol=1e-8)``, or
+  ``gifjax.lowrank.LowRank(factors)`` (one shared rank-k factorisation, no
+  HVP per query);
+* ``throw=True`` raises ``RuntimeError`` when a solve did not converge
+  (outside ``jit``); by default check ``converged`` in the result.
+
+Every result is differentiable: ``jax.grad`` / ``jax.jvp`` with respect to
+``params``, ``g``, the data and the damping run implicit differentiation
+through the solves (``gifjax.solvers``), for every solver.
+
+This module is ``gifjax.estimators``; its functions are re-exported at the
+top level (``gifjax.influence`` is the function).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _checks, _tree
+from . import curvature as _curv
+from ._chunks import map_in_chunks
+from .operators import METHODS, Estimator, Problem, curvature_spec
+from .solvers import Solution, Solver, SolverState, check_solution, get_solver
+
+__all__ = ["Adjoints", "Influence", "METHODS", "Scores", "Setup", "adjoint_solve", "adjoint_solves",
+           "influence", "influence_scores", "removal_gradient", "self_influence", "setup"]
+
+tree_map = jax.tree_util.tree_map
+
+
+class Influence(NamedTuple):
+    """Result of :func:`influence`.
+
+    Attributes:
+      delta: parameter change Δ, a pytree like ``params``; exactly zero
+        outside the mask for pif / fif / gif.
+      solution: the solver's :class:`gifjax.solvers.Solution` (its ``value``
+        is the unmasked solve; for pif that is the full IF update).
+      damping: the damping λ actually used (an array): the number given,
+        the value :class:`gifjax.AutoDamping` resolved to, or the low-rank factors'.
+
+    ``converged``, ``failure``, ``num_hvps``, ``num_steps`` and
+    ``residual_norm`` forward to ``solution``.
+    """
+
+    delta: Any
+    solution: Solution
+    damping: Any = None
+
+    converged = property(lambda self: self.solution.converged)
+    failure = property(lambda self: self.solution.failure)
+    num_hvps = property(lambda self: self.solution.num_matvecs)
+    num_steps = property(lambda self: self.solution.num_steps)
+    residual_norm = property(lambda self: self.solution.residual_norm)
+
+
+class Setup(NamedTuple):
+    """One estimator's problem and solver state, ready for any number of right-hand sides."""
+
+    problem: Problem
+    solver: Solver
+    state: SolverState
+
+    @property
+    def damping(self):
+        return jnp.asarray(self.problem.operator.damping)
+
+    def solve(self, g) -> Solution:
+        """The estimator applied to ``g``: ``Solution`` whose value is the answer (Δ, or s)."""
+        sol = self.solver.compute(self.state, self.problem.rhs(g))
+        return sol._replace(value=self.problem.post(sol.value))
+
+
+def setup(loss_fn: Callable, params, *args, mask=None, method: str = "gif", solver="auto", damping=0.0,
+          chunk_size: int | None = None, curvature="hessian", axis_name: str | None = None,
+          adjoint: bool = False, fn: str = "setup") -> Setup:
+    r"""Build operator → take the problem from the estimator table → initialise the solver.
+
+    The one path every estimator function takes (arguments as in
+    :func:`influence`). ``adjoint=True`` gives the scores' system, the
+    transpose: ``setup(...).solve(∇ℓ_test)`` is the s with ∇ᵀΔ(g) = sᵀg.
+    Build it once and ``jax.vmap`` ``.solve`` over many right-hand sides: the
+    solver's shared work (a matrix, factors, :class:`gifjax.AutoDamping`'s
+    trace) is done once.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, gifjax
+      >>> loss = lambda w: 0.5 * jnp.sum(jnp.array([1.0, 2.0, 4.0]) * w ** 2)
+      >>> s = gifjax.estimators.setup(loss, jnp.zeros(3), method="if", solver="dense")
+      >>> jax.vmap(s.solve)(jnp.eye(3)).value.diagonal()
+      Array([1.  , 0.5 , 0.25], dtype=float32)
+    """
+    estimator = Estimator(method, mask).check(fn, params)
+    solver = get_solver(solver, form=estimator.form, fn=fn)
+    spec = curvature_spec(fn, curvature, damping=damping, chunk_size=chunk_size, axis_name=axis_name)
+    spec = solver.configure(spec, estimator, fn)
+    C = spec.resolve(loss_fn, params, *args, trace_mask=estimator.trace_mask)
+    problem = estimator.problem(C)
+    state = solver.init(problem.operator, problem.form)
+    if adjoint:
+        problem, state = problem.T, solver.transpose(state)
+    return Setup(problem, solver, state)
+
+
+def removal_gradient(loss_fn: Callable, params, *removed, num_train: int):
+    r"""g for removing a group U of m of ``num_train`` = n training examples.
+
+        g = m / (n − m) · ∇_θ loss_fn(θ̂, *removed)
+
+    with ``loss_fn`` the training objective (mean loss + regulariser R) and
+    ``removed`` U's data (leading axis m). Then Δ = H⁻¹ g with H the Hessian on
+    the *remaining* n − m examples is the Newton step to the retrained optimum
+    — exact for quadratic objectives (see ``tests/test_influence.py``): at θ̂,
+    ∇L_remaining = −m/(n − m) · (∇ mean_U ℓ + ∇R). With H of all n examples,
+    use m/n instead (the difference is second order).
+
+    Example:
+      >>> import jax.numpy as jnp, gifjax
+      >>> loss = lambda w, x: jnp.mean((x - w) ** 2)
+      >>> float(gifjax.removal_gradient(loss, jnp.zeros(()), jnp.ones(2), num_train=10))
+      -0.5
+    """
+    m = _curv.batch_size_of("removal_gradient", removed)
+    if isinstance(num_train, bool) or not isinstance(num_train, (int, np.integer)) or num_train <= m:
+        raise _checks.error("removal_gradient", "num_train", repr(num_train),
+                            f"an int larger than the {m} removed examples",
+                            "pass the size of the whole training set.")
+    return _tree.scale(m / (int(num_train) - m), jax.grad(loss_fn)(params, *removed))
+
+
+def influence(loss_fn: Callable, params, g, *args, mask=None, method: str = "gif",
+              solver="auto", damping=0.0, chunk_size: int | None = None,
+              curvature="hessian", axis_name: str | None = None, throw: bool = False) -> Influence:
+    r"""Parameter change Δ that removes the data behind ``g`` (IF / PIF / FIF / GIF).
+
+    Args:
+      loss_fn: ``loss_fn(params, *args) -> scalar``, the training objective
+        whose Hessian H is used (mean loss, plus any regulariser).
+      params: trained parameters θ̂ (any pytree).
+      g: pytree like ``params`` (traced); e.g. for removing a group U of m
+        of n examples with H on the remaining data, g = m/(n − m) · ∇ mean_U ℓ.
+      *args: data for ``loss_fn``.
+      mask: boolean element mask like ``params`` (traced), or ``None`` for
+        all parameters; ignored (but validated) by ``method="if"``.
+      method: ``"if"``, ``"pif"``, ``"fif"`` or ``"gif"`` (static).
+      solver: ``"auto"`` (CG for if/pif/fif, LSTSQ for gif), a name from
+        ``gifjax.solvers.SOLVERS``, or a configured value such as
+        ``gifjax.solvers.CG(rtol=1e-8, max_steps=500)``, or
+        ``gifjax.lowrank.LowRank(factors)`` (shared low-rank factorisation).
+      damping: λ ≥ 0 (traced), H → H + λI; or :class:`gifjax.AutoDamping`.
+      chunk_size: if set (static), HVPs average over chunks of that many
+        examples of ``args`` (all leaves batched), bounding memory.
+      curvature: ``"hessian"`` (default), ``gifjax.GGN(apply_fn,
+        output_loss)`` for the PSD Gauss–Newton matrix (static), or a
+        :class:`gifjax.operators.Curvature` value.
+      axis_name: data parallelism inside ``jax.shard_map`` (static): ``args``
+        is this device's equal-sized shard, ``loss_fn`` its mean, and every
+        curvature product is ``pmean`` ed over this axis before damping
+        (see :class:`gifjax.operators.Curvature`; ready-made: :mod:`gifjax.parallel`).
+      throw: raise ``RuntimeError`` if the solve did not converge (static;
+        outside ``jit`` only).
+
+    Returns:
+      :class:`Influence` with ``delta`` and the solver's diagnostics.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, gifjax
+      >>> X = jnp.array([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]]); y = jnp.array([1.0, 2.0, 0.0])
+      >>> loss = lambda w, X, y: 0.5 * jnp.mean((X @ w - y) ** 2) + 0.05 * w @ w
+      >>> w = jnp.zeros(2)
+      >>> g = jax.grad(loss)(w, X[:1], y[:1])
+      >>> out = gifjax.influence(loss, w, g, X, y, method="gif", solver="dense")
+      >>> out.delta.shape, bool(out.converged)
+      ((2,), True)
+      >>> # differentiable: how Δ's first entry moves with the damping
+      >>> d = jax.grad(lambda lam: gifjax.influence(loss, w, g, X, y, method="if", damping=lam).delta[0])
+      >>> bool(d(0.1) > 0)
+      True
+
+    Warning:
+      CG needs H_λ positive definite (or P H_λ P for fif); on a non-convex
+      model it stops with ``failure="indefinite"`` — add damping, use
+      ``solver="lstsq"``, or use GIF, whose least-squares system is PSD.
+    """
+    fn = "influence"
+    _checks.check_like(fn, "g", g, params)
+    s = setup(loss_fn, params, *args, mask=mask, method=method, solver=solver, damping=damping,
+              chunk_size=chunk_size, curvature=curvature, axis_name=axis_name, fn=fn)
+    sol = s.solver.compute(s.state, s.problem.rhs(g))
+    out = Influence(s.problem.post(sol.value), sol, s.damping)
+    if throw:
+        check_solution(fn, sol)
+    return out
+
+
+def adjoint_solve(loss_fn: Callable, params, test_grad, *args, mask=None, method: str = "if",
+                  solver="auto", damping=0.0, chunk_size: int | None = None,
+                  curvature="hessian", axis_name: str | None = None, throw: bool = False) -> Solution:
+    """s with ``test_gradᵀ Δ(g) = sᵀ g`` for every g — the one solve per test point.
+
+    ``value`` is s: H_λ⁻¹∇ (if), H_λ⁻¹P∇ (pif), (P H_λ P)⁺P∇ (fif), and
+    H_λ P (P H_λ² P)⁺ P∇ (gif; min-norm solution of P H_λ s = P∇). Arguments
+    as in :func:`influence`. For many test points use :func:`adjoint_solves`
+    (or :func:`setup` with ``adjoint=True``): the set-up is then shared.
+    """
+    fn = "adjoint_solve"
+    _checks.check_like(fn, "test_grad", test_grad, params)
+    sol = setup(loss_fn, params, *args, mask=mask, method=method, solver=solver, damping=damping,
+                chunk_size=chunk_size, curvature=curvature, axis_name=axis_name, adjoint=True,
+                fn=fn).solve(test_grad)
+    return check_solution(fn, sol) if throw else sol
+
+
+class Adjoints(NamedTuple):
+    """Result of :func:`adjoint_solves`: per-test-point solutions and the λ used."""
+
+    solution: Solution   # batched over test points; value: the adjoint vectors s_j
+    damping: Any
+
+
+def adjoint_solves(loss_fn: Callable, params, example_loss_fn: Callable, test_examples, *args,
+                   mask=None, method: str = "if", solver="auto", damping=0.0,
+                   chunk_size: int | None = None, curvature="hessian", axis_name: str | None = None,
+                   test_chunk_size: int = 16, fn: str = "adjoint_solves") -> Adjoints:
+    """The adjoint vectors s_j = Δᵀ∇ℓ(test_j) of many test examples: one shared set-up.
+
+    The solver is initialised once; the solves run vmapped in chunks of
+    ``test_chunk_size`` under ``lax.map`` (one compile for any n). Arguments
+    as in :func:`influence_scores`.
+    """
+    s = setup(loss_fn, params, *args, mask=mask, method=method, solver=solver, damping=damping,
+              chunk_size=chunk_size, curvature=curvature, axis_name=axis_name, adjoint=True, fn=fn)
+    grads = jax.vmap(jax.grad(example_loss_fn), in_axes=(None, 0))
+    sols = map_in_chunks(lambda chunk: jax.vmap(s.solve)(grads(params, chunk)), test_examples,
+                         test_chunk_size, caller=fn, arg="test_examples")
+    return Adjoints(sols, s.damping)
+
+
+def contract(grads, adjoints):
+    """−G Sᵀ: [n_train, n_test] from stacked training gradients and adjoint vectors."""
+    leaves = jax.tree_util.tree_leaves(tree_map(
+        lambda gl, sl: -jnp.einsum("i...,j...->ij", gl, sl, precision=jax.lax.Precision.HIGHEST),
+        grads, adjoints))
+    return sum(leaves[1:], leaves[0])
+
+
+class Scores(NamedTuple):
+    """Influence scores with the per-test-point solver diagnostics."""
+
+    scores: jax.Array  # [n_train, n_test]
+    solution: Solution  # batched over test points
+    damping: Any = None  # the λ used (see Influence.damping)
+
+
+def influence_scores(loss_fn: Callable, params, example_loss_fn: Callable, train_examples,
+                     test_examples, *args, mask=None, method: str = "if", solver="auto",
+                     damping=0.0, chunk_size: int | None = None, test_chunk_size: int = 16,
+                     train_chunk_size: int = 256, return_info: bool = False,
+                     curvature="hessian", axis_name: str | None = None, throw: bool = False):
+    r"""Influence of each training example on each test example, [n_train, n_test].
+
+        I[i, j] = −∇ℓ(test_j)ᵀ Δ(∇ℓ(train_i)),
+
+    Δ the chosen estimator's parameter-change map (see module docstring).
+    Removing training point i of n changes test loss j by ≈ −I[i, j] / n.
+
+    Work: one (vmapped) solve per *test* point, in chunks of
+    ``test_chunk_size`` under ``lax.map`` (:func:`adjoint_solves`); training
+    gradients are computed chunk by chunk (``train_chunk_size``) and
+    contracted with the stacked solutions, never solved for. Both chunk
+    sizes are static; the last chunk is padded and trimmed, so one compile
+    serves any n.
+
+    With ``solver=gifjax.lowrank.LowRank(factors)`` the solves are two
+    projections each: the factorisation's k HVPs are shared by all test points.
+
+    Args:
+      loss_fn, params, *args, mask, method, solver, damping, chunk_size,
+        curvature, throw: as in :func:`influence` (``loss_fn`` defines H; an
+        :class:`gifjax.AutoDamping` is resolved once for all test points).
+      example_loss_fn: ``example_loss_fn(params, example) -> scalar`` for
+        one example (a pytree without batch axis).
+      train_examples, test_examples: pytrees with a leading batch axis.
+      return_info: also return the per-test :class:`~gifjax.solvers.Solution`
+        (as :class:`Scores`) — check ``converged`` on real models.
+      axis_name: inside ``jax.shard_map``, the axis over which ``args`` (the
+        Hessian batch) is sharded; curvature products are ``pmean`` ed over
+        it. The training and test examples stay this device's own: the
+        result is their local block. :func:`gifjax.parallel.influence_scores`
+        does the sharding for you.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, gifjax
+      >>> X = jax.random.normal(jax.random.key(0), (20, 3)); y = X @ jnp.ones(3)
+      >>> loss = lambda w, X, y: 0.5 * jnp.mean((X @ w - y) ** 2) + 0.01 * w @ w
+      >>> ex = lambda w, xy: 0.5 * (xy[0] @ w - xy[1]) ** 2
+      >>> I = gifjax.influence_scores(loss, jnp.ones(3), ex, (X, y), (X[:4], y[:4]), X, y)
+      >>> I.shape
+      (20, 4)
+    """
+    fn = "influence_scores"
+    adj = adjoint_solves(loss_fn, params, example_loss_fn, test_examples, *args, mask=mask,
+                         method=method, solver=solver, damping=damping, chunk_size=chunk_size,
+                         curvature=curvature, axis_name=axis_name, test_chunk_size=test_chunk_size,
+                         fn=fn)
+    grads = jax.vmap(jax.grad(example_loss_fn), in_axes=(None, 0))
+    S = adj.solution.value  # pytree with leading n_test axis
+    scores = map_in_chunks(lambda chunk: contract(grads(params, chunk), S), train_examples,
+                           train_chunk_size, caller=fn, arg="train_examples")
+    if throw:
+        check_solution(fn, adj.solution)
+    if not return_info:
+        return scores
+    return Scores(scores, adj.solution, adj.damping)
+
+
+def self_influence(loss_fn: Callable, params, example_loss_fn: Callable, examples, *args,
+                   mask=None, method: str = "if", solver="auto", damping=0.0,
+                   chunk_size: int | None = None, example_chunk_size: int = 16,
+                   curvature="hessian", axis_name: str | None = None, throw: bool = False):
+    """Self-influence I[i, i] = −∇ℓ(z_i)ᵀ Δ(∇ℓ(z_i)) for each example, shape [n].
+
+    One solve per example (unavoidable), sharing one solver set-up. With the
+    upweighting sign I[i, i] ≤ 0 for positive-definite H; −I[i, i] =
+    ∇ℓᵀH⁻¹∇ℓ (for IF) is large for atypical or mislabelled points — rank by
+    it. Arguments as in :func:`influence_scores` (with ``axis_name``,
+    ``examples`` are this device's own).
+    """
+    fn = "self_influence"
+    s = setup(loss_fn, params, *args, mask=mask, method=method, solver=solver, damping=damping,
+              chunk_size=chunk_size, curvature=curvature, axis_name=axis_name, adjoint=True, fn=fn)
+    grad_fn = jax.grad(example_loss_fn)
+
+    def one(example):
+        gi = grad_fn(params, example)
+        sol = s.solve(gi)
+        return -_tree.vdot(sol.value, gi), sol
+
+    values, sols = map_in_chunks(jax.vmap(one), examples, example_chunk_size, caller=fn, arg="examples")
+    if throw:
+        check_solution(fn, sols)
+    return values
