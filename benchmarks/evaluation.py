@@ -23,12 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-jax.config.update("jax_enable_x64", True)
+import gifjax
+from gifjax import evaluation as ev
 
-import gifjax  # noqa: E402
-from gifjax import evaluation as ev  # noqa: E402
-
-from . import common  # noqa: E402
+from . import common
 
 WEIGHT_DECAYS = (1e-2, 1e-3)   # L2 strengths for the LOO check (½·wd·‖θ‖²)
 LDS_GTOL = 1e-6                # LDS is rank-based: retrains to ‖∇‖ ≤ 1e-6 suffice (see md)
@@ -248,6 +246,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="smaller sizes (a few minutes)")
     ap.add_argument("--sections", default="loo,lds,mislabel")
     args = ap.parse_args(argv)
+    jax.config.update("jax_enable_x64", True)  # here, not at import: importing must not change a process
     t0 = time.perf_counter()
     res = {"quick": args.quick,
            "environment_note": f"{jax.default_backend()}, {len(jax.devices())} device(s), shared machine"}

@@ -12,6 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+# A script run in a subprocess (it sets XLA_FLAGS and float64 for its own process):
+# never import it here, not even to look for doctests.
+collect_ignore = ["_parallel_worker.py"]
+
 # Exactness tolerances (relative) per dtype: dense float64 references are exact
 # to rounding; float32 ones to a few ulps times the condition number.
 RTOL = {jnp.float32: 2e-3, jnp.float64: 1e-8}
