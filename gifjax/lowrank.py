@@ -80,7 +80,7 @@ from . import masks as _masks
 from . import _krylov
 from .estimators import adjoint_solve, influence
 from .operators import Estimator, curvature_spec
-from .solvers import LSTSQ, NONE, Solution, Solver, SolverState, finish as _finish
+from .solvers import LSTSQ, NONE, Solution, Solver, SolverState, finish as _finish, prepared
 
 __all__ = ["Approximation", "Factors", "LowRank", "OPERATORS", "approximation_error", "bidiagonalize", "combine", "factorize", "lanczos", "load", "project", "save"]
 
@@ -243,8 +243,7 @@ class LowRank(Solver):
                                 "leave curvature out, or factorize with the same curvature.")
         return spec.replace(damping=f.damping)
 
-    def setup(self, operator, form):
-        fn = "lowrank.LowRank"
+    def setup(self, operator, form, fn: str = "lowrank.LowRank"):
         A = operator if form == "symmetric" else SolverState(operator, form).factor
         if self.complement is not None and form != "symmetric":
             raise _checks.error(fn, "complement", self.complement, "0 for Golub–Kahan (gif) factors",
@@ -479,10 +478,8 @@ def factorize(loss_fn: Callable, params, *args, rank: int, method: str = "if", m
     spec = curvature_spec(fn, curvature, damping=damping, chunk_size=chunk_size, axis_name=axis_name)
     C = spec.resolve(loss_fn, params, *args, trace_mask=estimator.trace_mask)
     problem = estimator.problem(C)
-    A = problem.operator if problem.form == "symmetric" else SolverState(problem.operator, problem.form).factor
-    f = _factorize(fn, A, symmetric=problem.form == "symmetric", rank=rank, num_steps=num_steps,
-                   rtol=rtol, key=key, start=start)
-    return dataclasses.replace(f, method=method)
+    solver = LowRank(rank=rank, num_steps=num_steps, rtol=rtol, key=key, start=start)
+    return dataclasses.replace(solver.setup(prepared(problem.operator), problem.form, fn=fn), method=method)
 
 
 class Approximation(NamedTuple):

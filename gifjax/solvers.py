@@ -146,12 +146,12 @@ class SolverState(NamedTuple):
         return self.operator if self.form == "least_squares" else self.operator.T
 
 
-def _prepared(op: LinearOperator) -> LinearOperator:
-    """The operator with its convolutions in XLA:CPU's fast layout, once, where it enters a loop."""
+def prepared(op: LinearOperator) -> LinearOperator:
+    """(For loops outside a solver too: factorisations, eigensolvers.) The operator with its convolutions in XLA:CPU's fast layout, once, where it enters a loop."""
     if not op.conv_layout:
         return op
     wrap = canonicalize_convolutions
-    sample = None if op.sample is None else (lambda key, size: _prepared(op.sample(key, size)))
+    sample = None if op.sample is None else (lambda key, size: prepared(op.sample(key, size)))
     return LinearOperator(wrap(op.matvec), None if op.rmatvec is None else wrap(op.rmatvec),
                           op.symmetric, op.psd, sample, op.damping, op.domain, op.codomain, op.name,
                           op.curvature, False, op.like)
@@ -187,7 +187,7 @@ class Solver:
         if form != "symmetric" and operator.rmatvec is None and not operator.symmetric:
             raise _checks.error(name, "rmatvec", None, f"the transpose operator for form={form!r}",
                                 "pass rmatvec=lambda y: Aᵀ y (for a symmetric A, rmatvec=matvec).")
-        operator = _prepared(operator)
+        operator = prepared(operator)
         return SolverState(operator, form, self.setup(operator, form))
 
     def compute(self, state: SolverState, b, *, throw: bool = False) -> Solution:
@@ -248,7 +248,7 @@ def _differentiable_solve(solver: Solver, state: SolverState, b) -> Solution:
         x, aux = jax.lax.custom_linear_solve(op.matvec, b, solve, symmetric=True, has_aux=True)
         return aux._replace(value=x)
     F = state.factor
-    N = lambda v: F.transpose_matvec(F(v))
+    N = normal_operator(F).matvec
     solve = lambda _, rhs: _split(solver.solve_normal(state, rhs))
     apply_F, apply_Ft = solver.factor_hints(state)
     if state.form == "least_squares":

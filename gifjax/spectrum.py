@@ -194,7 +194,7 @@ def eigenvalues(loss_fn: Callable, params, *args, k: int, which: str = "largest"
     estimator = Estimator("if" if mask is None else "fif", mask).check(fn, params)
     spec = curvature_spec(fn, curvature, damping=damping, chunk_size=chunk_size)
     C = spec.resolve(loss_fn, params, *args, trace_mask=estimator.trace_mask)
-    op = estimator.problem(C).operator  # C, or P C P on the mask
+    op = _solvers.prepared(estimator.problem(C).operator)  # C, or P C P on the mask; CPU conv layout
     return eigsh(op, params, k=k, which=which, eigensolver=eigensolver, num_steps=num_steps, key=key,
                  mask=estimator.mask, return_vectors=return_vectors)
 
