@@ -24,8 +24,18 @@ loss j by ≈ −I[i, j] / n), but consumes the training set chunk by chunk:
   finished chunks and returns bit-identical results, also after the
   process was killed outright, with no chance to clean up (tested with
   SIGKILL);
-  a directory written by a different configuration is refused with an
-  error, never mixed;
+* nothing is ever mixed or loaded wrong: the manifest fingerprints the
+  configuration *and the contents* of params, test examples and solutions;
+  every chunk file carries its row range, a SHA-256 of the training rows it
+  was computed from and a checksum over all it holds, verified on resume. A
+  damaged chunk (truncated, garbage, edited) is recomputed with a warning; a
+  chunk of other data or another configuration is refused with an error
+  (it is never overwritten: nothing is lost); a damaged manifest gives an
+  error naming the file and the way to recover;
+* non-finite scores are never ranked: training rows with a non-finite score
+  stay out of the top-k and are reported (``nonfinite_train``); a test
+  example whose gradient or solve is non-finite gets a NaN column, never
+  zeros (``nonfinite_test``), and one warning says so;
 * a tqdm bar over chunks on stderr (``progress=False`` turns it off; it is
   also off when tqdm, the ``progress`` extra, is not installed) and/or a
   ``callback(chunk_index, num_chunks)``.
@@ -33,12 +43,16 @@ loss j by ≈ −I[i, j] / n), but consumes the training set chunk by chunk:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import re
 import sys
 import tempfile
+import warnings
+import zipfile
+import zlib
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -46,15 +60,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _checks
-from ._chunks import pad_rows
+from ._chunks import map_in_chunks, pad_rows
 from .estimators import adjoint_solves, contract
 from .operators import METHODS
+from .solvers import FAILURES
 
 __all__ = ["FORMAT", "MANIFEST", "StreamScores", "score_stream"]
 
 tree_map = jax.tree_util.tree_map
 
-FORMAT = "gifjax.sweep/1"
+FORMAT = "gifjax.sweep/2"
 MANIFEST = "manifest.json"
 _CHUNK_RE = re.compile(r"^chunk_(\d{6})\.npz$")
 
@@ -76,8 +91,21 @@ class StreamScores(NamedTuple):
       damping: the λ used.
       computed_chunks: chunk indices computed in *this* call (chunks loaded
         from ``out_dir`` are not listed).
+      nonfinite_train: int64 indices of the training examples whose gradient
+        is non-finite or whose score against a finite test column is
+        non-finite (NaN/±Inf); they are never in ``top_*``/``bottom_*``.
+      nonfinite_test: int64 indices of the test examples whose gradient is
+        non-finite or whose solve is (value non-finite or failure
+        ``"nonfinite"``); their score column is NaN (``scores``) and their
+        top-k rows hold no entries (index −1).
+      train_sha256: with ``out_dir``, the SHA-256 of the training data as
+        streamed (chained over the chunks' hashes, as in the manifest's
+        ``result``); else ``None``.
 
     k = min(top_k, num_train). Ties are broken by the smaller training index.
+    Where a test point has fewer than k finite scores, the remaining slots
+    hold index −1 and score NaN. ``num_nonfinite_train`` and
+    ``num_nonfinite_test`` count the bad examples.
     """
 
     top_indices: np.ndarray
@@ -89,6 +117,17 @@ class StreamScores(NamedTuple):
     solution: Any
     damping: Any
     computed_chunks: tuple
+    nonfinite_train: np.ndarray = np.zeros(0, np.int64)
+    nonfinite_test: np.ndarray = np.zeros(0, np.int64)
+    train_sha256: str | None = None
+
+    @property
+    def num_nonfinite_train(self) -> int:
+        return int(np.size(self.nonfinite_train))
+
+    @property
+    def num_nonfinite_test(self) -> int:
+        return int(np.size(self.nonfinite_test))
 
 
 def _is_stream(x) -> bool:
@@ -102,13 +141,49 @@ def _spec(tree):
             "leaves": [[list(np.shape(a)[1:]), str(a.dtype if hasattr(a, "dtype") else np.asarray(a).dtype)] for a in leaves]}
 
 
-def _hash_tree(tree) -> str:
-    h = hashlib.sha256()
+def _hash_update(h, tree):
+    """Feed a pytree's structure, leaf dtypes, shapes and bytes (host copies) into ``h``."""
+    h.update(str(jax.tree_util.tree_structure(tree)).encode())
     for leaf in jax.tree_util.tree_leaves(tree):
         a = np.ascontiguousarray(np.asarray(leaf))
         h.update(f"{a.dtype}{a.shape}".encode())
         h.update(a.tobytes())
-    return h.hexdigest()
+    return h
+
+
+def _hash_tree(tree) -> str:
+    return _hash_update(hashlib.sha256(), tree).hexdigest()
+
+
+def _rows_finite(tree):
+    """[n] bool: every entry of row i of every leaf is finite."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    n = leaves[0].shape[0]
+    ok = jnp.ones((n,), bool)
+    for a in leaves:
+        if jnp.issubdtype(a.dtype, jnp.inexact):
+            ok = ok & jnp.all(jnp.isfinite(a.reshape(n, -1)), axis=1)
+    return ok
+
+
+def _grads(example_loss_fn, params, examples):
+    return jax.vmap(jax.grad(example_loss_fn), in_axes=(None, 0))(params, examples)
+
+
+# Module-level jits keyed on the (static) per-example loss: reruns and resumes of a sweep with
+# the same function reuse the compiled chunk function.
+@functools.partial(jax.jit, static_argnums=0)
+def _score_chunk(example_loss_fn, params, S, chunk):
+    """The one compiled chunk function: scores −G Sᵀ [m, n_test] and per-row gradient finiteness."""
+    g = _grads(example_loss_fn, params, chunk)
+    return contract(g, S), _rows_finite(g)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _test_finite(example_loss_fn, test_chunk_size, params, test_examples):
+    """[n_test] bool: the test example's gradient is finite."""
+    return map_in_chunks(lambda c: _rows_finite(_grads(example_loss_fn, params, c)), test_examples,
+                         test_chunk_size, caller="sweep.score_stream", arg="test_examples")
 
 
 def _chunks(fn, train_examples, chunk_size):
@@ -130,7 +205,11 @@ def _chunks(fn, train_examples, chunk_size):
 
 
 def _merge(best_s, best_i, block, start, k, largest):
-    """Merge the running top-k (rows = test points) with a [m, n_test] block; ties → smaller index."""
+    """Merge the running top-k (rows = test points) with a [m, n_test] block; ties → smaller index.
+
+    Non-finite scores are never ranked: they sort behind every finite one and
+    the slots they would fill hold index −1 and score NaN.
+    """
     m, n_test = block.shape
     cand_s = np.concatenate([best_s, block.T], axis=1)  # [n_test, k' + m]
     idx = np.broadcast_to(np.arange(start, start + m, dtype=np.int64), (n_test, m))
@@ -138,8 +217,12 @@ def _merge(best_s, best_i, block, start, k, largest):
     by_index = np.argsort(cand_i, axis=1, kind="stable")  # then a stable sort by score keeps
     cand_s = np.take_along_axis(cand_s, by_index, 1)      # equal scores in index order
     cand_i = np.take_along_axis(cand_i, by_index, 1)
-    order = np.argsort(-cand_s if largest else cand_s, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(cand_s, order, 1), np.take_along_axis(cand_i, order, 1)
+    finite = np.isfinite(cand_s) & (cand_i >= 0)
+    key = np.where(finite, -cand_s if largest else cand_s, np.inf)
+    order = np.argsort(key, axis=1, kind="stable")[:, :k]
+    top_s, top_i = np.take_along_axis(cand_s, order, 1), np.take_along_axis(cand_i, order, 1)
+    ok = np.take_along_axis(finite, order, 1)
+    return np.where(ok, top_s, np.nan).astype(cand_s.dtype), np.where(ok, top_i, -1)
 
 
 def _write_atomic(path, write):
@@ -172,14 +255,40 @@ def _fsync_dir(d):
         os.close(fd)
 
 
+_RECOVER = ("delete {path} and rerun with the original configuration: every chunk file carries "
+            "its own checksum and fingerprint, so finished chunks are verified and kept (or pass a "
+            "fresh out_dir)")
+
+
+def _read_manifest(fn, out_dir, path):
+    """The manifest as a dict; a damaged one raises an error naming the file and the recovery."""
+    try:
+        with open(path, "rb") as f:
+            old = json.loads(f.read().decode("utf-8"))
+        if not isinstance(old, dict) or not isinstance(old.get("fingerprint"), str) \
+                or not isinstance(old.get("config"), dict):
+            raise ValueError("not a score_stream manifest (no fingerprint/config)")
+    except (OSError, UnicodeDecodeError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+        raise _checks.error(
+            fn, "out_dir", f"{out_dir!r}, whose {MANIFEST} is damaged or unreadable "
+            f"({type(e).__name__}: {e})", f"a {MANIFEST} as written by score_stream",
+            _RECOVER.format(path=path) + ".") from e
+    return old
+
+
 def _open_dir(fn, out_dir, config):
-    """Create ``out_dir`` with a manifest, or check the existing manifest matches ``config``."""
+    """Create ``out_dir`` with a manifest, or check the existing manifest matches ``config``.
+
+    Returns ``(fingerprint, manifest)``. A missing manifest is (re)written even
+    where chunk files exist: each chunk is verified on its own when loaded
+    (:func:`_load_chunk`), so a deleted manifest is the way to recover from a
+    damaged one.
+    """
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, MANIFEST)
     fingerprint = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
     if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
+        old = _read_manifest(fn, out_dir, path)
         if old.get("fingerprint") != fingerprint:
             old_cfg = old.get("config", {})
             diff = sorted(k for k in set(old_cfg) | set(config) if old_cfg.get(k) != config.get(k))
@@ -188,14 +297,73 @@ def _open_dir(fn, out_dir, config):
                 f"(differs in: {', '.join(diff) or 'format'})",
                 "a new directory, or the configuration recorded in its manifest.json",
                 "pass a fresh out_dir, delete the old one, or rerun with the original configuration.")
-        return
-    if any(_CHUNK_RE.match(name) for name in os.listdir(out_dir)):
-        raise _checks.error(fn, "out_dir", f"{out_dir!r}, which holds chunk files but no {MANIFEST}",
-                            "an empty directory or one written by score_stream",
-                            "pass a fresh out_dir or delete the stray chunk files.")
-    body = json.dumps({"format": FORMAT, "fingerprint": fingerprint, "config": config},
-                      sort_keys=True, indent=1).encode()
+        return fingerprint, old
+    manifest = {"format": FORMAT, "fingerprint": fingerprint, "config": config}
+    _write_manifest(path, manifest)
+    return fingerprint, manifest
+
+
+def _write_manifest(path, manifest):
+    body = json.dumps(manifest, sort_keys=True, indent=1).encode()
     _write_atomic(path, lambda f: f.write(body))
+
+
+def _chunk_checksum(context, start, count, input_sha256, scores, train_finite):
+    """SHA-256 over everything a chunk file holds: inputs (fingerprint, rows, data hash) and outputs."""
+    h = hashlib.sha256()
+    h.update(f"{FORMAT}|{context}|{int(start)}|{int(count)}|{input_sha256}|".encode())
+    _hash_update(h, (scores, train_finite))
+    return h.hexdigest()
+
+
+def _save_chunk(path, context, start, count, input_sha256, scores, train_finite):
+    checksum = _chunk_checksum(context, start, count, input_sha256, scores, train_finite)
+    _write_atomic(path, lambda f: np.savez(
+        f, scores=scores, train_finite=train_finite, start=np.int64(start), count=np.int64(count),
+        input_sha256=np.str_(input_sha256), context=np.str_(context), checksum=np.str_(checksum)))
+
+
+class _Damaged(Exception):
+    """A chunk file that cannot be trusted as written (recompute it)."""
+
+
+def _load_chunk(path, context, start, count, input_sha256, n_test, dtype):
+    """Verify and load a chunk file: ``(scores, train_finite)``.
+
+    Raises :class:`_Damaged` when the file is unreadable, incomplete or its
+    checksum fails (recompute it), and returns ``None`` for an intact file
+    written from other rows, other data or another configuration (the caller
+    refuses it).
+    """
+    fields = ("scores", "train_finite", "start", "count", "input_sha256", "context", "checksum")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [f for f in fields if f not in z.files]
+            if missing:
+                raise _Damaged(f"missing fields {missing}")
+            z = {f: z[f] for f in fields}
+    except _Damaged:
+        raise
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        raise _Damaged(f"unreadable: {type(e).__name__}: {e}") from e
+    scores, finite = z["scores"], z["train_finite"]
+    if scores.dtype != dtype and scores.dtype.kind == "V" and scores.dtype.itemsize == dtype.itemsize:
+        scores = scores.view(dtype)  # npz keeps extension dtypes (bfloat16) as raw bytes
+    try:
+        ok = (str(z["checksum"]) == _chunk_checksum(str(z["context"]), int(z["start"]), int(z["count"]),
+                                                    str(z["input_sha256"]), scores, finite))
+    except (TypeError, ValueError) as e:
+        raise _Damaged(f"malformed fields: {e}") from e
+    if not ok:
+        raise _Damaged("checksum mismatch: the file was edited or corrupted")
+    saved_count = int(z["count"])
+    if scores.shape != (saved_count, n_test) or scores.dtype != dtype or finite.shape != (saved_count,):
+        raise _Damaged(f"scores of shape {scores.shape} and dtype {scores.dtype}, expected "
+                       f"({saved_count}, {n_test}) {dtype}")
+    if (str(z["context"]) != context or int(z["start"]) != start or saved_count != count
+            or str(z["input_sha256"]) != input_sha256):
+        return None, (int(z["start"]), saved_count, str(z["context"]) == context)
+    return (scores, finite.astype(bool)), None
 
 
 def _progress_bar(progress, total):
@@ -241,16 +409,43 @@ def score_stream(loss_fn: Callable, params, example_loss_fn: Callable, train_exa
     ``os.replace``) and ``manifest.json`` records a fingerprint of the
     configuration: shapes/dtypes of params, test and training examples,
     method, solver kind, damping, chunk sizes, ``top_k``, ``config_id`` and
-    SHA-256 hashes of ``params`` and of the test-point solutions. A rerun
-    with the same configuration loads finished chunks instead of computing
-    them and returns bit-identical results; a different configuration in
-    that directory raises ``ValueError``. Put anything the fingerprint
-    cannot see (e.g. a dataset version, or ``gifjax.mixed_precision`` —
-    though its solutions' hash already differs) into ``config_id``. A
-    process killed at any point leaves only finished chunks and, if it died
-    inside a write, one ``.tmp_*.part`` file, which is never read as a chunk
-    (delete it at leisure; it is left alone because another process may
-    still be writing it).
+    SHA-256 hashes of the *contents* of ``params``, of the test examples and
+    of the test-point solutions. A rerun with the same configuration loads
+    finished chunks instead of computing them and returns bit-identical
+    results; a different configuration in that directory raises
+    ``ValueError``. Put anything the fingerprint cannot see (e.g. a change
+    of ``loss_fn``'s code, or ``gifjax.mixed_precision`` — though its
+    solutions' hash already differs) into ``config_id``. A process killed at
+    any point leaves only finished chunks and, if it died inside a write, one
+    ``.tmp_*.part`` file, which is never read as a chunk (delete it at
+    leisure; it is left alone because another process may still be writing
+    it).
+
+    Integrity: the training data are hashed as they stream (SHA-256 of each
+    chunk's bytes on the host; the chained hash is returned as
+    ``train_sha256`` and stored in the manifest's ``result`` when the sweep
+    completes). Each chunk file holds its row range, the hash of the rows it
+    was computed from, the manifest's fingerprint and a checksum over all of
+    it and the scores, and is verified before it is used:
+
+    * a damaged file (truncated, garbage bytes, edited values or row count —
+      anything failing the checksum) is recomputed and overwritten, with a
+      ``RuntimeWarning`` naming it;
+    * an intact file computed from *other* training rows (different data of
+      the same shapes, or an iterator chunked differently) or under another
+      fingerprint raises ``ValueError`` naming the file and the directory: it
+      belongs to another sweep and is never overwritten, so nothing is lost
+      (pass a fresh ``out_dir``, or delete the directory or that file);
+    * a damaged or unreadable ``manifest.json`` raises ``ValueError`` naming
+      it; delete it and rerun with the original configuration: a missing
+      manifest is rewritten and every chunk is still verified on its own.
+
+    Non-finite values: a test example whose gradient is non-finite, or
+    whose solve is (non-finite value, or failure ``"nonfinite"`` — solvers
+    may return zeros there), gets a NaN score column, never zeros. Non-finite
+    scores are never ranked in the top-k; such training rows are reported
+    in ``nonfinite_train`` and such test examples in ``nonfinite_test``, and
+    one ``RuntimeWarning`` names both when there are any.
 
     Args:
       loss_fn, params, *args, mask, method, solver, damping, chunk_size,
@@ -333,18 +528,24 @@ def score_stream(loss_fn: Callable, params, example_loss_fn: Callable, train_exa
         source = train_examples
 
     # One solve per test point, shared by every training chunk.
-    grad_fn = jax.vmap(jax.grad(example_loss_fn), in_axes=(None, 0))
     sols, lam = adjoint_solves(loss_fn, params, example_loss_fn, test_examples, *args, mask=mask,
                                method=method, solver=solver, damping=damping, chunk_size=chunk_size,
                                curvature=curvature, axis_name=axis_name,
                                test_chunk_size=test_chunk_size, fn=fn)
-    S = sols.value
     n_test = _checks.leading_size(fn, "test_examples", test_examples)
+    # A bad test example must give a NaN column, never the zeros a solver returns for a
+    # non-finite right-hand side: NaN its adjoint vector, and the contraction does the rest.
+    test_ok = np.asarray(_test_finite(example_loss_fn, test_chunk_size, params, test_examples))
+    test_ok = test_ok & np.asarray(_rows_finite(sols.value))
+    if "nonfinite" in FAILURES:
+        test_ok = test_ok & (np.asarray(sols.failure).reshape(-1) != FAILURES.index("nonfinite"))
+    bad_test = np.flatnonzero(~test_ok).astype(np.int64)
+    S = sols.value
+    if bad_test.size:
+        S = tree_map(lambda a: jnp.where(jnp.asarray(test_ok).reshape((-1,) + (1,) * (a.ndim - 1)),
+                                         a, jnp.nan), S)
 
-    @jax.jit
-    def score_chunk(params, S, chunk):
-        return contract(grad_fn(params, chunk), S)
-
+    context = manifest = None
     if out_dir is not None:
         out_dir = os.fspath(out_dir)
         lam_repr = (repr(float(np.asarray(lam))) if _checks.is_concrete(lam) and np.ndim(lam) == 0
@@ -366,37 +567,50 @@ def score_stream(loss_fn: Callable, params, example_loss_fn: Callable, train_exa
             "train_examples": train_spec,
             "test_examples": _spec(test_examples),
             "params_sha256": _hash_tree(params),
+            "test_sha256": _hash_tree(test_examples),
             "solutions_sha256": _hash_tree(S),
         }
-        _open_dir(fn, out_dir, config)
+        context, manifest = _open_dir(fn, out_dir, config)
+        data_hash = hashlib.sha256(context.encode())
 
     chunks, total = _chunks(fn, source, size)
     total = total if total is not None else hint
     bar = _progress_bar(progress, total)
     k = top_k
     dtype = np.result_type(*[np.asarray(l).dtype for l in jax.tree_util.tree_leaves(S)])
+    good_cols = test_ok
     top_s = np.empty((n_test, 0), dtype); top_i = np.empty((n_test, 0), np.int64)
     bot_s = np.empty((n_test, 0), dtype); bot_i = np.empty((n_test, 0), np.int64)
-    full, computed, start = [], [], 0
+    full, computed, bad_train, start, c = [], [], [], 0, -1
     try:
         for c, (chunk, m) in enumerate(chunks):
             path = None if out_dir is None else os.path.join(out_dir, f"chunk_{c:06d}.npz")
-            block = None
-            if path is not None and os.path.exists(path):
-                with np.load(path) as z:
-                    if int(z["start"]) != start or int(z["count"]) != m:
-                        raise _checks.error(
-                            fn, "train_examples", f"chunk {c} at rows [{start}, {start + m})",
-                            f"rows [{int(z['start'])}, {int(z['start']) + int(z['count'])}) as saved in {out_dir!r}",
-                            "feed the same chunks as the interrupted run, or use a fresh out_dir.")
-                    block = z["scores"]
-            if block is None:
+            loaded = None
+            if path is not None:
+                input_sha256 = _hash_tree(chunk)
+                data_hash.update(input_sha256.encode())
+                if os.path.exists(path):
+                    try:
+                        loaded, foreign = _load_chunk(path, context, start, m, input_sha256, n_test, dtype)
+                    except _Damaged as e:
+                        warnings.warn(f"gifjax.{fn}: {path} is damaged ({e}); recomputing chunk {c} "
+                                      f"(training rows [{start}, {start + m})).", RuntimeWarning,
+                                      stacklevel=2)
+                    else:
+                        if loaded is None:
+                            raise _foreign_chunk(fn, out_dir, path, c, start, m, *foreign)
+            if loaded is not None:
+                block, finite = loaded
+            else:
                 padded = tree_map(jnp.asarray, pad_rows(chunk, size))
-                block = np.asarray(score_chunk(params, S, padded))[:m]
+                block, finite = _score_chunk(example_loss_fn, params, S, padded)
+                block, finite = np.asarray(block)[:m], np.asarray(finite)[:m]
                 computed.append(c)
                 if path is not None:
-                    _write_atomic(path, lambda f: np.savez(f, scores=block, start=np.int64(start),
-                                                           count=np.int64(m)))
+                    _save_chunk(path, context, start, m, input_sha256, block, finite)
+            bad = ~finite | np.any(~np.isfinite(block[:, good_cols]), axis=1)
+            if np.any(bad):
+                bad_train.append(start + np.flatnonzero(bad))
             top_s, top_i = _merge(top_s, top_i, block, start, k, largest=True)
             bot_s, bot_i = _merge(bot_s, bot_i, block, start, k, largest=False)
             if keep_full:
@@ -409,5 +623,41 @@ def score_stream(loss_fn: Callable, params, example_loss_fn: Callable, train_exa
     finally:
         if bar is not None:
             bar.close()
+    train_sha256 = None
+    if out_dir is not None:
+        train_sha256 = data_hash.hexdigest()
+        result = {"num_train": start, "num_chunks": c + 1, "train_sha256": train_sha256}
+        if manifest.get("result") != result:
+            _write_manifest(os.path.join(out_dir, MANIFEST), dict(manifest, result=result))
+    bad_train = np.concatenate(bad_train).astype(np.int64) if bad_train else np.zeros(0, np.int64)
+    if bad_train.size or bad_test.size:
+        show = lambda a: (f"{a[:10].tolist()}" + (" …" if a.size > 10 else ""))
+        parts = []
+        if bad_train.size:
+            parts.append(f"{bad_train.size} training example(s) {show(bad_train)} have non-finite "
+                         "scores and were left out of the top-k (StreamScores.nonfinite_train)")
+        if bad_test.size:
+            parts.append(f"{bad_test.size} test example(s) {show(bad_test)} have a non-finite gradient "
+                         "or solve: their score columns are NaN (StreamScores.nonfinite_test)")
+        warnings.warn(f"gifjax.{fn}: " + "; ".join(parts) + ". Fix: check those examples for "
+                      "NaN/Inf inputs or labels, or the solves' `solution.failure`.",
+                      RuntimeWarning, stacklevel=2)
     return StreamScores(top_i, top_s, bot_i, bot_s, np.concatenate(full) if keep_full else None,
-                        start, sols, jnp.asarray(lam), tuple(computed))
+                        start, sols, jnp.asarray(lam), tuple(computed), bad_train, bad_test,
+                        train_sha256)
+
+
+def _foreign_chunk(fn, out_dir, path, c, start, m, saved_start, saved_count, same_config):
+    """The error for an intact chunk file that belongs to other data (never overwritten)."""
+    if not same_config:
+        got = f"{path}, written by a sweep with a different configuration or parameters"
+    elif (saved_start, saved_count) != (start, m):
+        got = (f"chunk {c} at training rows [{start}, {start + m}), but {path} holds rows "
+               f"[{saved_start}, {saved_start + saved_count})")
+    else:
+        got = (f"training rows [{start}, {start + m}) whose contents differ from the rows "
+               f"{path} was computed from (different training data of the same shapes)")
+    return _checks.error(
+        fn, "train_examples", got, f"the training data of the sweep saved in {out_dir!r}",
+        f"pass a fresh out_dir, or delete {out_dir!r} (or just {path}) to recompute it, or rerun "
+        "with the original data and chunks; the old chunk is left untouched.")

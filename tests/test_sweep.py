@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -135,11 +136,11 @@ def test_one_compile_whatever_the_number_of_chunks(prob):
     p = prob
     traces = []
 
-    def counted(params, example):
-        traces.append(1)
-        return p.example_loss(params, example)
-
     def count(n):
+        def counted(params, example):  # a new function per sweep: no compile cache to hit
+            traces.append(1)
+            return p.example_loss(params, example)
+
         traces.clear()
         sweep.score_stream(p.loss, p.params, counted, (p.x[:n], p.y[:n]), (p.x[:N_TEST], p.y[:N_TEST]),
                            p.x, p.y, damping=p.damping, train_chunk_size=CHUNK, progress=False,
@@ -192,6 +193,7 @@ _KILLED_RUN = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a fresh process (~15 s); the in-process interruption test covers resume by default
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals")
 def test_resume_after_sigkill_is_bit_identical(prob, tmp_path):
     d = tmp_path / "sweep"
@@ -265,3 +267,184 @@ def test_bad_stream_inputs(prob):
     big = iter([(p.x[:3], p.y[:3]), (p.x[:8], p.y[:8])])
     with pytest.raises(ValueError, match="a chunk of 8 examples"):
         run(prob, train=big, train_chunk_size=None)
+
+
+# ----------------------------------------------------------------------------- integrity
+
+RESULT_FIELDS = ("scores", "top_indices", "top_scores", "bottom_indices", "bottom_scores")
+
+
+@pytest.fixture(scope="module")
+def clean(prob):
+    """An uninterrupted sweep without out_dir: what every repaired directory must reproduce."""
+    return run(prob, keep_full=True, top_k=4)
+
+
+def assert_same(a, b):
+    for field in RESULT_FIELDS:
+        assert np.array_equal(getattr(a, field), getattr(b, field), equal_nan=True), field
+
+
+def _rewrite(path, **changes):
+    """Rewrite a chunk file's fields (its stored checksum kept: an edit the file cannot vouch for)."""
+    with np.load(path) as z:
+        fields = {k: z[k] for k in z.files}
+    fields.update(changes)
+    np.savez(path, **fields)
+
+
+def test_damaged_chunks_are_recomputed_with_a_warning(prob, clean, tmp_path):
+    d = tmp_path / "sweep"
+    first = run(prob, keep_full=True, top_k=4, out_dir=d)
+    assert_same(first, clean)
+    assert first.train_sha256 is not None
+    names = [d / f"chunk_{i:06d}.npz" for i in range(5)]
+    with np.load(names[0]) as z:
+        scores0 = z["scores"]
+    _rewrite(names[0], scores=scores0[:-1], count=np.int64(4))               # wrong row count
+    with np.load(names[1]) as z:
+        edited = z["scores"].copy()
+    edited[2, 3] += 1.0
+    _rewrite(names[1], scores=edited)                                        # edited values
+    names[2].write_bytes(names[2].read_bytes()[:100])                        # truncated
+    names[3].write_bytes(os.urandom(300))                                    # garbage
+    before4 = names[4].read_bytes()
+
+    with pytest.warns(RuntimeWarning) as record:
+        again = run(prob, keep_full=True, top_k=4, out_dir=d)
+    messages = [str(w.message) for w in record if "is damaged" in str(w.message)]
+    assert len(messages) == 4, messages
+    for i, msg in enumerate(messages):
+        assert f"chunk_{i:06d}.npz" in msg and f"recomputing chunk {i}" in msg
+    assert "checksum mismatch" in messages[0] and "checksum mismatch" in messages[1]
+    assert again.computed_chunks == (0, 1, 2, 3)                             # chunk 4 was intact
+    assert names[4].read_bytes() == before4
+    assert_same(again, clean)
+    assert again.train_sha256 == first.train_sha256
+    # the repaired directory now resumes silently, all chunks loaded
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        final = run(prob, keep_full=True, top_k=4, out_dir=d)
+    assert final.computed_chunks == ()
+    assert_same(final, clean)
+
+
+def test_chunk_with_a_valid_checksum_for_other_rows_is_refused(prob, tmp_path):
+    """A self-consistent file for another row range belongs to another sweep: refused, untouched."""
+    d = tmp_path / "sweep"
+    run(prob, top_k=4, out_dir=d)
+    path = d / "chunk_000001.npz"
+    with np.load(path) as z:
+        f = {k: z[k] for k in z.files}
+    f["start"] = np.int64(6)
+    f["checksum"] = np.str_(sweep._chunk_checksum(str(f["context"]), 6, int(f["count"]),
+                                                  str(f["input_sha256"]), f["scores"], f["train_finite"]))
+    np.savez(path, **f)
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=r"gifjax\.sweep\.score_stream: bad `train_examples`: got chunk 1 "
+                                         r"at training rows \[5, 10\), but .*chunk_000001\.npz holds rows "
+                                         r"\[6, 11\).*Fix: pass a fresh out_dir"):
+        run(prob, top_k=4, out_dir=d)
+    assert path.read_bytes() == before
+
+
+def test_different_training_data_of_the_same_shapes_is_never_mixed(prob, tmp_path):
+    p = prob
+    d = tmp_path / "sweep"
+    first = run(prob, keep_full=True, top_k=4, out_dir=d)
+    x2 = p.x.at[12].multiply(-1.0)  # row 12: chunk 2; same shapes, dtypes, params and test points
+    saved = {f: (d / f).read_bytes() for f in os.listdir(d)}
+    with pytest.raises(ValueError, match=r"(?s)gifjax\.sweep\.score_stream: bad `train_examples`: got "
+                                         r"training rows \[10, 15\) whose contents differ.*chunk_000002\.npz"
+                                         r".*different training data of the same shapes.*Fix: pass a fresh "
+                                         r"out_dir, or delete"):
+        run(prob, train=(x2, p.y), keep_full=True, top_k=4, out_dir=d)
+    assert {f: (d / f).read_bytes() for f in os.listdir(d)} == saved  # nothing overwritten or lost
+    # the new data in a fresh directory: the same as a clean run on the new data, and a new hash
+    fresh = run(prob, train=(x2, p.y), keep_full=True, top_k=4, out_dir=tmp_path / "new")
+    assert_same(fresh, run(prob, train=(x2, p.y), keep_full=True, top_k=4))
+    assert not np.array_equal(fresh.scores[10:15], first.scores[10:15])
+    assert fresh.train_sha256 != first.train_sha256
+
+
+@pytest.mark.parametrize("damage, recover", [
+    (lambda b: b[: len(b) // 2], True),             # truncated (the recovery: checked once)
+    (lambda b: b"", False),                         # empty
+    (lambda b: b"\xff\xfe" + os.urandom(64), False),  # garbage, not even UTF-8
+    (lambda b: b"[]", False),                       # valid JSON, not a manifest
+], ids=["truncated", "empty", "garbage", "not-a-manifest"])
+def test_damaged_manifest_names_the_file_and_recovery(prob, clean, tmp_path, damage, recover):
+    d = tmp_path / "sweep"
+    run(prob, keep_full=True, top_k=4, out_dir=d)
+    manifest = d / sweep.MANIFEST
+    manifest.write_bytes(damage(manifest.read_bytes()))
+    with pytest.raises(ValueError, match=r"gifjax\.sweep\.score_stream: bad `out_dir`: got .*whose "
+                                         r"manifest\.json is damaged or unreadable.*Fix: delete .*manifest\.json "
+                                         r"and rerun with the original configuration"):
+        run(prob, keep_full=True, top_k=4, out_dir=d)
+    if not recover:
+        return
+    manifest.unlink()
+    recovered = run(prob, keep_full=True, top_k=4, out_dir=d)
+    assert recovered.computed_chunks == ()  # every chunk verified on its own and kept
+    assert_same(recovered, clean)
+
+
+def test_chunk_of_another_configuration_is_refused_without_manifest(prob, tmp_path):
+    """Deleting the manifest cannot smuggle in chunks of another sweep: each carries its fingerprint."""
+    d = tmp_path / "sweep"
+    run(prob, top_k=4, out_dir=d)
+    (d / sweep.MANIFEST).unlink()
+    with pytest.raises(ValueError, match=r"bad `train_examples`: got .*chunk_000000\.npz, written by a sweep "
+                                         r"with a different configuration"):
+        run(prob, top_k=5, out_dir=d)
+
+
+# ----------------------------------------------------------------------------- bad examples
+
+def test_nonfinite_training_rows_are_kept_out_of_topk_and_reported(prob, clean):
+    p = prob
+    x = p.x.at[7, 1].set(jnp.nan).at[12, 0].set(jnp.inf)  # only the scored rows; H is clean
+    with pytest.warns(RuntimeWarning, match=r"2 training example\(s\) \[7, 12\] have non-finite scores"):
+        out = run(prob, train=(x, p.y), keep_full=True, top_k=4)
+    np.testing.assert_array_equal(out.nonfinite_train, [7, 12])
+    assert out.num_nonfinite_train == 2 and out.num_nonfinite_test == 0
+    assert not np.isfinite(out.scores[[7, 12]]).any()
+    good = np.setdiff1d(np.arange(24), [7, 12])
+    np.testing.assert_array_equal(out.scores[good], clean.scores[good])
+    for idx in (out.top_indices, out.bottom_indices):
+        assert not np.isin(idx, [7, 12]).any() and (idx >= 0).all()
+    assert np.isfinite(out.top_scores).all() and np.isfinite(out.bottom_scores).all()
+    for j in range(N_TEST):  # the top-k of the finite rows, as argsort would give it
+        col = np.where(np.isfinite(out.scores[:, j]), out.scores[:, j], -np.inf)
+        np.testing.assert_array_equal(out.top_indices[j], np.argsort(-col, kind="stable")[:4])
+
+
+def test_nonfinite_test_example_gives_a_nan_column_not_zeros(prob, clean):
+    p = prob
+    xt = p.x[:N_TEST].at[1, 2].set(jnp.nan).at[4, 0].set(jnp.inf)
+    with pytest.warns(RuntimeWarning, match=r"2 test example\(s\) \[1, 4\] have a non-finite gradient"):
+        out = sweep.score_stream(p.loss, p.params, p.example_loss, (p.x, p.y), (xt, p.y[:N_TEST]),
+                                 p.x, p.y, damping=p.damping, solver="dense", train_chunk_size=CHUNK,
+                                 progress=False, keep_full=True, top_k=4)
+    np.testing.assert_array_equal(out.nonfinite_test, [1, 4])
+    assert out.nonfinite_train.size == 0  # NaN columns do not make every training row "bad"
+    assert np.isnan(out.scores[:, [1, 4]]).all()
+    for j in (1, 4):
+        assert (out.top_indices[j] == -1).all() and np.isnan(out.top_scores[j]).all()
+        assert (out.bottom_indices[j] == -1).all() and np.isnan(out.bottom_scores[j]).all()
+    ok = [0, 2, 3, 5]
+    np.testing.assert_allclose(out.scores[:, ok], clean.scores[:, ok], rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(out.top_indices[ok], clean.top_indices[ok])
+
+
+def test_merge_never_ranks_nonfinite_scores():
+    block = np.array([[1.0, np.nan], [np.inf, 2.0], [-np.inf, 3.0], [0.5, np.nan]])  # [4 train, 2 test]
+    empty_s, empty_i = np.empty((2, 0)), np.empty((2, 0), np.int64)
+    s, i = sweep._merge(empty_s, empty_i, block, 10, 3, largest=True)
+    np.testing.assert_array_equal(i, [[10, 13, -1], [12, 11, -1]])
+    np.testing.assert_array_equal(s, [[1.0, 0.5, np.nan], [3.0, 2.0, np.nan]])
+    s, i = sweep._merge(s, i, np.array([[0.7, 5.0]]), 14, 3, largest=True)  # padding never wins
+    np.testing.assert_array_equal(i, [[10, 14, 13], [14, 12, 11]])
+    s, i = sweep._merge(empty_s, empty_i, block, 0, 2, largest=False)
+    np.testing.assert_array_equal(i, [[3, 0], [1, 2]])
