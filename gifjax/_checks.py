@@ -6,6 +6,9 @@ and what was expected, and says how to fix it.
 
 from __future__ import annotations
 
+import dataclasses
+import operator
+
 import jax
 import numpy as np
 
@@ -45,12 +48,122 @@ def check_choice(fn: str, arg: str, value, choices):
     return value
 
 
+def as_int(value):
+    """``value`` as a Python int if it is an integer scalar, else ``None``.
+
+    Accepts Python ints, NumPy integer scalars and concrete 0-d integer
+    arrays (NumPy or JAX); refuses bools, floats (even integral ones such as
+    ``3.0``), strings and tracers.
+    """
+    if isinstance(value, (bool, np.bool_)) or not is_concrete(value):
+        return None
+    dtype = getattr(value, "dtype", None)
+    if dtype is not None and (np.ndim(value) != 0 or not np.issubdtype(dtype, np.integer)):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def check_int(fn: str, arg: str, value, *, minimum: int = 1, allow_none: bool = False,
+              example: str | None = None):
+    """``value`` must be an integer ≥ ``minimum`` (Python or NumPy; :func:`as_int`); returns an int.
+
+    With ``allow_none``, ``None`` passes through (meaning "the default").
+    """
+    if value is None and allow_none:
+        return None
+    got = as_int(value)
+    if got is None or got < minimum:
+        what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise error(fn, arg, repr(value), ("None or " if allow_none else "") + what,
+                    f"pass e.g. {example or arg + '=16'}"
+                    + (" (or None for the default)." if allow_none else "."))
+    return got
+
+
 def check_positive_int(fn: str, arg: str, value, *, example: str | None = None) -> int:
     """``value`` must be a positive Python or NumPy integer (not a bool); returns an int."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise error(fn, arg, repr(value), "a positive int",
-                    f"pass e.g. {example or arg + '=16'}.")
-    return int(value)
+    return check_int(fn, arg, value, minimum=1, example=example)
+
+
+def check_number(fn: str, arg: str, value, *, minimum: float = 0.0, strict: bool = False,
+                 allow_none: bool = False, example: str | None = None):
+    """``value`` must be a finite real number ≥ ``minimum`` (> with ``strict``), where known.
+
+    Python, NumPy and JAX scalars (or arrays: every entry is checked) are
+    accepted; tracers pass through unchecked (inside ``jit`` they cannot be
+    read); with ``allow_none``, ``None`` passes. Returns ``value`` unchanged.
+    """
+    if value is None and allow_none:
+        return None
+    if not is_concrete(value):
+        return value
+    bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
+    expected = ("None or " if allow_none else "") + f"a finite real number {bound}"
+    fix = f"pass e.g. {example or arg + '=1e-6'}" + (" (or None for the default)." if allow_none else ".")
+    try:
+        if isinstance(value, (str, bytes, bool, np.bool_)) or value is None:
+            raise TypeError
+        raw = np.asarray(value)
+        if raw.dtype == bool or np.iscomplexobj(raw) or not (
+                np.issubdtype(raw.dtype, np.number) or raw.dtype.kind == "V"):  # "V": bfloat16 & co.
+            raise TypeError
+        arr = raw.astype(np.float64)
+    except (TypeError, ValueError):
+        raise error(fn, arg, repr(value), expected, fix) from None
+    if not np.all(np.isfinite(arr)) or np.any(arr <= minimum if strict else arr < minimum):
+        raise error(fn, arg, repr(value), expected, fix)
+    return value
+
+
+# How each solver / factorisation field is checked (see check_solver_config).
+_SOLVER_RULES = {
+    "rtol": dict(kind="number", allow_none=True, example="rtol=1e-6"),
+    "atol": dict(kind="number", allow_none=True, example="atol=0.0"),
+    "rcond": dict(kind="number", allow_none=True, example="rcond=1e-6"),
+    "damping": dict(kind="number", example="damping=0.01"),
+    "scale": dict(kind="number", strict=True, allow_none=True, example="scale=10.0"),
+    "max_steps": dict(kind="int", minimum=1, allow_none=True, example="max_steps=1000"),
+    "num_steps": dict(kind="int", minimum=1, example="num_steps=100"),
+    "num_power_steps": dict(kind="int", minimum=1, example="num_power_steps=20"),
+    "restarts": dict(kind="int", minimum=0, example="restarts=2"),
+    "batch_size": dict(kind="int", minimum=1, allow_none=True, example="batch_size=32"),
+    "rank": dict(kind="int", minimum=1, example="rank=50"),
+}
+
+
+def check_solver_config(name: str, **fields) -> dict:
+    """Validate solver configuration fields in Python; returns them normalised.
+
+    ``name`` is the owner as it appears in messages (e.g. ``"solvers.CG"``).
+    Known fields and their rules: ``rtol``, ``atol``, ``rcond`` — ``None`` or
+    a finite number ≥ 0 (NaN and ±Inf refused); ``damping`` — finite ≥ 0;
+    ``scale`` — ``None`` or finite > 0; ``max_steps``, ``batch_size`` —
+    ``None`` or an int ≥ 1; ``num_steps``, ``num_power_steps``, ``rank`` — an
+    int ≥ 1; ``restarts`` — an int ≥ 0. Integers may be Python or NumPy
+    integers (returned as ``int``); floats such as ``10.0`` are refused for
+    integer fields. Traced values pass unchecked. Unknown field names are a
+    programming error (``KeyError``).
+
+    Example:
+      >>> check_solver_config("solvers.CG", rtol=1e-6, max_steps=np.int64(50))
+      {'rtol': 1e-06, 'max_steps': 50}
+    """
+    out = {}
+    for arg, value in fields.items():
+        rule = dict(_SOLVER_RULES[arg])
+        kind = rule.pop("kind")
+        out[arg] = (check_int if kind == "int" else check_number)(name, arg, value, **rule)
+    return out
+
+
+def check_solver(name: str, solver) -> dict:
+    """:func:`check_solver_config` on every known field of a solver dataclass value."""
+    fields = {f.name: getattr(solver, f.name) for f in dataclasses.fields(solver)
+              if f.name in _SOLVER_RULES}
+    return check_solver_config(name, **fields)
 
 
 def check_nonnegative(fn: str, arg: str, value):
@@ -64,12 +177,35 @@ def check_nonnegative(fn: str, arg: str, value):
     return value
 
 
-def check_like(fn: str, arg: str, tree, reference, ref_name: str = "params"):
-    """``tree`` must have ``reference``'s structure and leaf shapes.
+def _float_dtype(a):
+    """The dtype of a strongly typed floating array leaf, else ``None`` (Python scalars, weak types)."""
+    if isinstance(a, (int, float, complex)) or not hasattr(a, "dtype"):
+        return None
+    if isinstance(a, jax.Array) and getattr(a, "weak_type", False):
+        return None
+    return a.dtype if np.issubdtype(a.dtype, np.inexact) or a.dtype.kind == "V" else None
+
+
+#: Arguments that meet ``params`` in a curvature product (jvp): their floating dtypes must match.
+CURVATURE_VECTORS = frozenset({"g", "test_grad", "test_grads", "v", "start"})
+
+
+def check_like(fn: str, arg: str, tree, reference, ref_name: str = "params", *,
+               dtype: bool | None = None):
+    """``tree`` must have ``reference``'s structure and leaf shapes (and floating dtypes).
 
     Leading batch axes are not allowed here: single-example functions are
-    batched with ``jax.vmap`` by the caller.
+    batched with ``jax.vmap`` by the caller. With ``dtype``, a floating leaf
+    must also have the floating dtype of the reference leaf (both strongly
+    typed arrays; Python scalars, weakly typed values and non-floating
+    leaves such as boolean masks are not compared): a float16 ``g`` for
+    float32 ``params`` would otherwise fail deep inside an HVP ("linearized
+    function called on tangent values inconsistent…"). ``dtype=None`` (the
+    default) checks exactly the vectors that enter curvature products
+    (:data:`CURVATURE_VECTORS`: ``g``, ``test_grad(s)``, ``v``, ``start``).
     """
+    if dtype is None:
+        dtype = arg in CURVATURE_VECTORS
     ref_def = jax.tree_util.tree_structure(reference)
     got_def = jax.tree_util.tree_structure(tree)
     if ref_def != got_def:
@@ -86,6 +222,14 @@ def check_like(fn: str, arg: str, tree, reference, ref_name: str = "params"):
                 fn, arg, f"shape {np.shape(a)} at {path}",
                 f"shape {np.shape(b)} (as in `{ref_name}`)",
                 f"give `{arg}` one entry per parameter; to batch, jax.vmap over this function.",
+            )
+        da, db = (_float_dtype(a), _float_dtype(b)) if dtype else (None, None)
+        if da is not None and db is not None and da != db:
+            raise error(
+                fn, arg, f"dtype {da} at {path or 'the root'}", f"dtype {db} (as in `{ref_name}`)",
+                f"cast `{arg}` to `{ref_name}`'s dtypes, e.g. jax.tree_util.tree_map(lambda a, p: "
+                f"a.astype(p.dtype), {arg}, {ref_name}) (or compute it from `{ref_name}` itself).",
+                kind=TypeError,
             )
     return tree
 

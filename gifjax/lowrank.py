@@ -68,7 +68,9 @@ from __future__ import annotations
 from typing import Any, Callable, NamedTuple
 
 import dataclasses
+import json
 import os
+import zipfile
 
 import jax
 import jax.flatten_util
@@ -299,19 +301,32 @@ def _inverse(values, used):
 
 
 def _check_steps(fn, rank, num_steps, dim):
-    if num_steps is None:
-        num_steps = rank
-    for name, val in (("num_steps", num_steps), ("rank", rank)):
-        if not isinstance(val, (int, np.integer)) or isinstance(val, bool) or val < 1:
-            raise _checks.error(fn, name, repr(val), "a positive int (static)",
-                                f"pass e.g. {name}=50.")
+    """(rank, num_steps) checked, each error naming the argument the user actually passed.
+
+    ``factorize`` requires ``rank`` (``num_steps`` defaults to it); ``lanczos``
+    and ``bidiagonalize`` require ``num_steps`` (``rank`` defaults to it). A
+    defaulted value is never blamed: a bad rank is reported as ``rank``.
+    """
+    if rank is not None:
+        rank = _checks.check_int(fn, "rank", rank, minimum=1, example="rank=50")
+    if num_steps is not None:
+        num_steps = _checks.check_int(fn, "num_steps", num_steps, minimum=1, example="num_steps=100")
+    if num_steps is None:  # factorize's default: as many steps as kept pairs
+        if rank is None:
+            raise _checks.error(fn, "rank", None, "a positive int (static)", "pass e.g. rank=50.")
+        if rank > dim:
+            raise _checks.error(fn, "rank", rank, f"at most the dimension {dim}",
+                                f"pass rank <= {dim} (rank = {dim} keeps every pair).")
+        return rank, rank
+    if rank is None:       # lanczos / bidiagonalize's default: keep every pair
+        rank = num_steps
     if num_steps > dim:
         raise _checks.error(fn, "num_steps", num_steps, f"at most the dimension {dim}",
                             f"pass num_steps <= {dim} (num_steps = {dim} is the exact factorisation).")
     if rank > num_steps:
         raise _checks.error(fn, "rank", rank, f"at most num_steps = {num_steps}",
                             "keep rank <= num_steps (more steps than kept pairs improve accuracy).")
-    return int(rank), int(num_steps)
+    return rank, num_steps
 
 
 def _check_rtol(fn, rtol):
@@ -392,8 +407,10 @@ def lanczos(matvec: Callable, start, *, num_steps: int, rank: int | None = None,
       Array([ 3., -2.,  1.], dtype=float32)
     """
     flat, unravel = jax.flatten_util.ravel_pytree(start)
-    rank, num_steps = _check_steps("lowrank.lanczos", num_steps if rank is None else rank,
-                                   num_steps, flat.shape[0])
+    if num_steps is None:
+        raise _checks.error("lowrank.lanczos", "num_steps", None, "a positive int (static)",
+                            "pass e.g. num_steps=50.")
+    rank, num_steps = _check_steps("lowrank.lanczos", rank, num_steps, flat.shape[0])
     key = jax.random.key(0) if key is None else key
     out = _krylov.lanczos(_krylov.flat_op(matvec, unravel), flat, num_steps, key, jnp.ones_like(flat))
     return _factors(*out, rank, _check_rtol("lowrank.lanczos", rtol), unravel, 0.0, None, "hessian")
@@ -414,8 +431,10 @@ def bidiagonalize(matvec: Callable, rmatvec: Callable, start, *, num_steps: int,
     in A's output space (like b).
     """
     flat, unravel = jax.flatten_util.ravel_pytree(start)
-    rank, num_steps = _check_steps("lowrank.bidiagonalize", num_steps if rank is None else rank,
-                                   num_steps, flat.shape[0])
+    if num_steps is None:
+        raise _checks.error("lowrank.bidiagonalize", "num_steps", None, "a positive int (static)",
+                            "pass e.g. num_steps=50.")
+    rank, num_steps = _check_steps("lowrank.bidiagonalize", rank, num_steps, flat.shape[0])
     key = jax.random.key(0) if key is None else key
     ones = jnp.ones_like(flat)
     out = _krylov.bidiagonalize(_krylov.flat_op(matvec, unravel), _krylov.flat_op(rmatvec, unravel), flat,
@@ -528,8 +547,19 @@ def approximation_error(loss_fn: Callable, params, factors: Factors, b, *args, m
 # ----------------------------------------------------------------------------- save / load
 
 
+def _npz_path(path) -> str:
+    """The file ``np.savez(path)`` writes: ``path`` with ``.npz`` appended unless it ends so."""
+    path = os.fspath(path)
+    return path if path.endswith(".npz") else path + ".npz"
+
+
 def save(path, factors: Factors) -> None:
-    """Write ``factors`` to an ``.npz`` file (arrays plus method and curvature tags)."""
+    """Write ``factors`` to an ``.npz`` file (arrays plus method and curvature tags).
+
+    Like ``numpy.savez``, ``.npz`` is appended to ``path`` unless it ends so;
+    :func:`load` accepts the same ``path`` (with or without the suffix).
+    Extension dtypes such as bfloat16 are restored on load.
+    """
     if not isinstance(factors, Factors):
         raise _checks.error("lowrank.save", "factors", type(factors).__name__, "a Factors value",
                             "pass the result of gifjax.lowrank.factorize.", kind=TypeError)
@@ -540,30 +570,54 @@ def save(path, factors: Factors) -> None:
         tree = getattr(factors, side)
         for i, leaf in enumerate(jax.tree_util.tree_leaves(tree) if tree is not None else []):
             arrays[f"{side}_{i}"] = np.asarray(leaf)
-    np.savez(path, **{k: np.asarray(v) for k, v in arrays.items()})
+    arrays = {k: np.asarray(v) for k, v in arrays.items()}
+    dtypes = {k: str(v.dtype) for k, v in arrays.items()}  # npz stores bfloat16 & co. as raw bytes
+    np.savez(_npz_path(path), __dtypes__=np.array(json.dumps(dtypes)), **arrays)
 
 
 def load(path, like) -> Factors:
-    """Read factors written by :func:`save`; ``like`` (e.g. ``params``) gives the pytree structure."""
-    path = os.fspath(path)
-    if not os.path.exists(path) and os.path.exists(path + ".npz"):  # np.savez appends .npz
-        path = path + ".npz"
-    with np.load(path) as data:
+    """Read factors written by :func:`save`; ``like`` (e.g. ``params``) gives the pytree structure.
+
+    ``path`` as given to :func:`save` (``"x"`` finds ``x.npz``).
+    """
+    fn = "lowrank.load"
+    given = os.fspath(path)
+    path = given if os.path.exists(given) else _npz_path(given)
+    if not os.path.exists(path):
+        raise _checks.error(fn, "path", repr(given), "a file written by gifjax.lowrank.save "
+                            f"(looked for {given!r} and {_npz_path(given)!r})",
+                            "check the path, or save factors first with gifjax.lowrank.save(path, factors).",
+                            kind=FileNotFoundError)
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:
+        raise _checks.error(fn, "path", repr(path), "a file written by gifjax.lowrank.save",
+                            f"the file is damaged or not an .npz ({type(e).__name__}: {e}); save the "
+                            "factors again.") from None
+    with data:
         treedef = jax.tree_util.tree_structure(like)
         n = treedef.num_leaves
+        dtypes = json.loads(str(data["__dtypes__"])) if "__dtypes__" in data.files else {}
+
+        def read(key):
+            a = data[key]
+            name = dtypes.get(key)
+            if name is not None and str(a.dtype) != name:
+                a = a.view(jnp.dtype(name))
+            return a
 
         def side(name):
             if f"{name}_0" not in data:
                 return None
-            return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(data[f"{name}_{i}"]) for i in range(n)])
+            return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(read(f"{name}_{i}")) for i in range(n)])
 
         left = side("left")
         if left is None:
             raise _checks.error("lowrank.load", "path", str(path), "a file written by gifjax.lowrank.save",
                                 "save factors with gifjax.lowrank.save(path, factors).")
         first = jax.tree_util.tree_map(lambda a: a[0], left)
-        _checks.check_like("lowrank.load", "like", like, first, ref_name="the saved vectors")
+        _checks.check_like("lowrank.load", "like", like, first, ref_name="the saved vectors", dtype=False)
         method = str(data["method"]) or None
-        return Factors(jnp.asarray(data["values"]), left, side("right"), jnp.asarray(data["rank"]),
-                       jnp.asarray(data["residuals"]), jnp.asarray(data["damping"]),
-                       jnp.asarray(data["num_matvecs"]), method, str(data["curvature"]))
+        return Factors(jnp.asarray(read("values")), left, side("right"), jnp.asarray(read("rank")),
+                       jnp.asarray(read("residuals")), jnp.asarray(read("damping")),
+                       jnp.asarray(read("num_matvecs")), method, str(data["curvature"]))

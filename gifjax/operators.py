@@ -193,11 +193,11 @@ class AutoDamping:
 def _check_damping(fn: str, damping):
     if isinstance(damping, AutoDamping):
         _checks.check_nonnegative(fn, "damping.fraction", damping.fraction)
-        if isinstance(damping.num_samples, bool) or not isinstance(damping.num_samples, int) \
-                or damping.num_samples < 1:
-            raise _checks.error(fn, "damping.num_samples", repr(damping.num_samples), "a positive int",
-                                "pass e.g. AutoDamping(0.1, num_samples=16).")
-        return
+        num = _checks.check_positive_int(fn, "damping.num_samples", damping.num_samples,
+                                         example="AutoDamping(0.1, num_samples=16)")
+        if type(damping.num_samples) is not int:  # a NumPy integer: normalise (static, hashed)
+            damping = dataclasses.replace(damping, num_samples=num)
+        return damping
     try:
         if damping is None or isinstance(damping, (str, bool)):
             raise TypeError
@@ -206,6 +206,7 @@ def _check_damping(fn: str, damping):
         raise _checks.error(fn, "damping", repr(damping), "a number >= 0 or gifjax.AutoDamping(...)",
                             "pass damping=0.01 or damping=gifjax.AutoDamping(0.1, key=key).") from None
     _checks.check_nonnegative(fn, "damping", damping)
+    return damping
 
 
 def _damp(op: Callable, lam) -> Callable:
@@ -274,10 +275,15 @@ class Curvature:
                 raise _checks.error(fn, "chunk_size", self.chunk_size, "None with a GGN curvature",
                                     "drop chunk_size (GGN products are linearised over the whole batch), "
                                     "or use curvature='hessian'.")
+        changes = {}
         if self.chunk_size is not None:
-            _checks.check_positive_int(fn, "chunk_size", self.chunk_size, example="chunk_size=256")
-        _check_damping(fn, self.damping)
-        return self
+            size = _checks.check_positive_int(fn, "chunk_size", self.chunk_size, example="chunk_size=256")
+            if type(self.chunk_size) is not int:  # NumPy integers are normalised (a static field)
+                changes["chunk_size"] = size
+        damping = _check_damping(fn, self.damping)
+        if damping is not self.damping:
+            changes["damping"] = damping
+        return self.replace(**changes) if changes else self
 
     def undamped(self, loss_fn: Callable, params, *args) -> tuple[Callable, Callable | None]:
         """(v ↦ C v, sample) without damping; ``sample(key, size)`` gives minibatch products."""
@@ -310,7 +316,7 @@ class Curvature:
         ``trace_mask`` is the mask :class:`AutoDamping` averages the
         eigenvalues over (:attr:`Estimator.trace_mask`).
         """
-        self.check()
+        self = self.check()  # noqa: PLW0642 — the checked (normalised) spec
         C, sample = self.undamped(loss_fn, params, *args)
         lam = self.damping
         if isinstance(lam, AutoDamping):

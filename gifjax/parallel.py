@@ -115,12 +115,14 @@ def make_mesh(queries: int | None = None, data: int = 1, devices=None) -> Mesh:
     """
     fn = "parallel.make_mesh"
     devices = list(jax.devices() if devices is None else devices)
+    data = _checks.as_int(data) if _checks.as_int(data) is not None else data
     if not isinstance(data, int) or data < 1 or data > len(devices) or (
             queries is None and len(devices) % data):
         raise _checks.error(fn, "data", repr(data),
                             f"a positive int dividing the {len(devices)} devices",
                             f"pass data=1 or a divisor of {len(devices)} (or set queries too).")
     queries = len(devices) // data if queries is None else queries
+    queries = _checks.as_int(queries) if _checks.as_int(queries) is not None else queries
     if not isinstance(queries, int) or queries < 1 or queries * data > len(devices):
         raise _checks.error(fn, "queries", repr(queries),
                             f"a positive int with queries * data <= {len(devices)} devices",
