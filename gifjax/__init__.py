@@ -20,6 +20,7 @@ from . import lowrank as lowrank
 from . import masks as masks
 from . import operators as operators
 from . import parallel as parallel
+from . import preconditioners as preconditioners
 from . import selection as selection
 from . import solvers as solvers
 from . import spectrum as spectrum
@@ -57,5 +58,5 @@ __all__ = ["AutoDamping", "Curvature", "Estimator", "GGN", "GroupInfluence", "In
            "Scores", "Solution", "adjoint_solve", "batched_hvp", "curvature_operator", "estimators",
            "evaluation", "ggn_product", "group_influence", "hessian_operator", "hutchinson_trace", "hvp",
            "influence", "influence_scores", "linearize_ggn", "linearize_hvp", "lowrank", "masked_hvp",
-           "masks", "mixed_precision", "operators", "parallel", "removal_gradient", "resolve_damping",
+           "masks", "mixed_precision", "operators", "parallel", "preconditioners", "removal_gradient", "resolve_damping",
            "selection", "self_influence", "solvers", "spectrum", "sweep"]

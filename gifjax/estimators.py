@@ -121,6 +121,11 @@ class Setup(NamedTuple):
         sol = self.solver.compute(self.state, self.problem.rhs(g))
         return sol._replace(value=self.problem.post(sol.value))
 
+    def solve_many(self, G) -> Solution:
+        """:meth:`solve` for a batch ``G`` (leading axis): vmapped, or one block solve for block solvers."""
+        sol = self.solver.compute_many(self.state, jax.vmap(self.problem.rhs)(G))
+        return sol._replace(value=jax.vmap(self.problem.post)(sol.value))
+
 
 def setup(loss_fn: Callable, params, *args, mask=None, method: str = "gif", solver="auto", damping=0.0,
           chunk_size: int | None = None, curvature="hessian", axis_name: str | None = None,
@@ -282,7 +287,7 @@ def adjoint_solves(loss_fn: Callable, params, example_loss_fn: Callable, test_ex
     s = setup(loss_fn, params, *args, mask=mask, method=method, solver=solver, damping=damping,
               chunk_size=chunk_size, curvature=curvature, axis_name=axis_name, adjoint=True, fn=fn)
     grads = jax.vmap(jax.grad(example_loss_fn), in_axes=(None, 0))
-    sols = map_in_chunks(lambda chunk: jax.vmap(s.solve)(grads(params, chunk)), test_examples,
+    sols = map_in_chunks(lambda chunk: s.solve_many(grads(params, chunk)), test_examples,
                          test_chunk_size, caller=fn, arg="test_examples")
     return Adjoints(sols, s.damping)
 
@@ -382,12 +387,12 @@ def self_influence(loss_fn: Callable, params, example_loss_fn: Callable, example
               chunk_size=chunk_size, curvature=curvature, axis_name=axis_name, adjoint=True, fn=fn)
     grad_fn = jax.grad(example_loss_fn)
 
-    def one(example):
-        gi = grad_fn(params, example)
-        sol = s.solve(gi)
-        return -_tree.vdot(sol.value, gi), sol
+    def chunk(batch):
+        G = jax.vmap(grad_fn, in_axes=(None, 0))(params, batch)
+        sol = s.solve_many(G)
+        return -jax.vmap(_tree.vdot)(sol.value, G), sol
 
-    values, sols = map_in_chunks(jax.vmap(one), examples, example_chunk_size, caller=fn, arg="examples")
+    values, sols = map_in_chunks(chunk, examples, example_chunk_size, caller=fn, arg="examples")
     if throw:
         check_solution(fn, sols)
     return values

@@ -174,7 +174,7 @@ def _sharded(job: _Job, params, dynamic, queries, train, args):
         def body(params, dynamic, queries, train, args):
             s = _core.setup(job.loss_fn, params, *args, axis_name=d, adjoint=True,
                             fn="parallel.adjoint_solve", **dynamic, **opts)
-            return map_in_chunks(jax.vmap(s.solve), queries, chunk,
+            return map_in_chunks(s.solve_many, queries, chunk,
                                  caller="parallel.adjoint_solve", arg="test_grads")
         out_specs = P(q)
     elif job.kind == "self":

@@ -78,9 +78,11 @@ import numpy as np
 from . import _checks, _tree
 from ._conv_layout import canonicalize_convolutions
 from .operators import FORMS, LinearOperator
+from .preconditioners import get_preconditioner
 
-__all__ = ["CG", "Dense", "FAILURES", "FORMS", "LSTSQ", "LiSSA", "Richardson", "SOLVERS", "Solution",
-           "Solver", "SolverState", "cg", "dense", "get_solver", "lissa", "lstsq", "power_iteration",
+__all__ = ["BlockCG", "CG", "DEFAULT_MAX_STEPS", "DEFAULT_RTOL", "Dense", "FAILURES", "FORMS", "LSMR", "LSTSQ",
+           "LiSSA", "LinearOperator", "MINRES", "Richardson", "SOLVERS", "Solution", "Solver", "SolverState",
+           "cg", "default_rtol", "dense", "get_solver", "lissa", "lstsq", "minres", "power_iteration",
            "richardson"]
 
 #: Names of the ``Solution.failure`` codes, indexed by code.
@@ -91,9 +93,10 @@ FAILURES = (
     "diverged",      # 3: the iteration grew (LiSSA scale too small, …)
     "nonfinite",     # 4: a NaN/Inf appeared; the last finite iterate is returned
     "breakdown",     # 5: a Krylov recurrence divided by zero (singular/inconsistent)
+    "precision",     # 6: the tolerance is below what the working precision reached
 )
 # int32 scalars so loop carries keep one dtype with and without jax_enable_x64
-NONE, MAX_STEPS, INDEFINITE, DIVERGED, NONFINITE, BREAKDOWN = map(np.int32, range(len(FAILURES)))
+NONE, MAX_STEPS, INDEFINITE, DIVERGED, NONFINITE, BREAKDOWN, PRECISION = map(np.int32, range(len(FAILURES)))
 
 _TRANSPOSED_FORM = {"symmetric": "symmetric", "least_squares": "min_norm", "min_norm": "least_squares"}
 
@@ -197,6 +200,14 @@ class Solver:
             check_solution(f"solvers.{type(self).__name__}", sol)
         return sol
 
+    def compute_many(self, state: SolverState, B) -> Solution:
+        """Solve for a batch of right-hand sides (leading axis Q): a batched :class:`Solution`.
+
+        Default: ``jax.vmap(compute)``. Block solvers (:class:`BlockCG`)
+        override it to share one Krylov space across the batch.
+        """
+        return jax.vmap(lambda b: self.compute(state, b))(B)
+
     def transpose(self, state: SolverState) -> SolverState:
         """The state of the transposed problem (least squares ↔ min norm; symmetric: itself)."""
         if state.form == "symmetric":
@@ -240,23 +251,30 @@ def _split(sol: Solution):
     return sol.value, sol._replace(value=None)
 
 
-def _differentiable_solve(solver: Solver, state: SolverState, b) -> Solution:
-    """The solve inside ``lax.custom_linear_solve``: implicit derivatives, no unrolled loops."""
+def _differentiable_solve(solver: Solver, state: SolverState, b, *, many: bool = False) -> Solution:
+    """The solve inside ``lax.custom_linear_solve``: implicit derivatives, no unrolled loops.
+
+    ``many=True``: ``b`` is a batch (leading axis) solved together by the
+    solver's ``solve_*_many`` methods; the operators act row by row.
+    """
+    lift = jax.vmap if many else (lambda f: f)
+    symmetric_solve, normal_solve = ((solver.solve_symmetric_many, solver.solve_normal_many) if many
+                                     else (solver.solve_symmetric, solver.solve_normal))
     op = state.operator
     if state.form == "symmetric":
-        solve = lambda _, rhs: _split(solver.solve_symmetric(state, rhs))
-        x, aux = jax.lax.custom_linear_solve(op.matvec, b, solve, symmetric=True, has_aux=True)
+        solve = lambda _, rhs: _split(symmetric_solve(state, rhs))
+        x, aux = jax.lax.custom_linear_solve(lift(op.matvec), b, solve, symmetric=True, has_aux=True)
         return aux._replace(value=x)
     F = state.factor
-    N = normal_operator(F).matvec
-    solve = lambda _, rhs: _split(solver.solve_normal(state, rhs))
-    apply_F, apply_Ft = solver.factor_hints(state)
+    N = lift(normal_operator(F).matvec)
+    solve = lambda _, rhs: _split(normal_solve(state, rhs))
+    apply_F, apply_Ft = (None if h is None else lift(h) for h in solver.factor_hints(state))
     if state.form == "least_squares":
-        c, extra = _apply(F.transpose_matvec, apply_Ft, b)
+        c, extra = _apply(lift(F.transpose_matvec), apply_Ft, b)
         x, aux = jax.lax.custom_linear_solve(N, c, solve, symmetric=True, has_aux=True)
     else:
         z, aux = jax.lax.custom_linear_solve(N, b, solve, symmetric=True, has_aux=True)
-        x, extra = _apply(F.matvec, apply_F, z)
+        x, extra = _apply(lift(F.matvec), apply_F, z)
     return aux._replace(value=x, num_matvecs=aux.num_matvecs + extra)
 
 
@@ -298,22 +316,86 @@ def check_solution(fn: str, sol: Solution) -> Solution:
 
 # Krylov recurrences cannot resolve residuals below ~eps·‖rhs‖; iterating past that
 # floor lets rounding grow components along A's null space and the iterate diverges
-# (seen with CGLS on GIF's singular H P in float32). Tolerances are raised to it.
+# (seen with CGLS on GIF's singular H P in float32). A tolerance below it is
+# reported as unreachable (failure "precision"), never as met.
 PRECISION_FLOOR = 16
 
+#: Default relative tolerance (``rtol=None``) by the residual a solver certifies
+#: and the bytes of the working dtype. Each is reachable in that precision on
+#: moderately conditioned problems (κ ≲ 10³ in float32) and tight enough that
+#: the true residual it certifies keeps relative errors ≤ κ·rtol: a symmetric
+#: system's residual ‖b − A x‖ bottoms out near eps·κ·‖b‖ (float32: 1e-4), the
+#: normal residual ‖Fᵀ(b − F x)‖ of GIF's least-squares forms reaches 1e-5.
+DEFAULT_RTOL = {"symmetric": {8: 1e-10, 4: 1e-4, 2: 1e-2},
+                "normal": {8: 1e-10, 4: 1e-5, 2: 1e-2}}
 
-def _tolerance(rtol, atol, rhs_norm, *, floor: bool = False):
-    tol = jnp.maximum(rtol * rhs_norm, atol)
-    if floor:
-        tol = jnp.maximum(tol, PRECISION_FLOOR * jnp.finfo(rhs_norm.dtype).eps * rhs_norm)
-    return tol
+
+#: Default step cap of the Krylov solvers (``max_steps=None``). Finite precision
+#: needs more than dim b steps on ill-conditioned problems, and a large model far
+#: fewer than dim b to converge or not at all: a fixed, documented budget.
+DEFAULT_MAX_STEPS = 1000
+
+
+def default_rtol(dtype, *, normal: bool = False) -> float:
+    """The relative tolerance ``rtol=None`` means for vectors of ``dtype`` (see :data:`DEFAULT_RTOL`)."""
+    return DEFAULT_RTOL["normal" if normal else "symmetric"].get(jnp.dtype(dtype).itemsize, 1e-5)
+
+
+def _tolerance(rtol, atol, rhs_norm, *, normal: bool = False):
+    rtol = default_rtol(rhs_norm.dtype, normal=normal) if rtol is None else rtol
+    return jnp.maximum(rtol * rhs_norm, atol)
+
+
+def _floor(rhs_norm):
+    return PRECISION_FLOOR * jnp.finfo(rhs_norm.dtype).eps * rhs_norm
 
 
 def _default_steps(max_steps, b):
-    """Krylov methods finish in at most dim(b) steps in exact arithmetic."""
-    if max_steps is not None:
-        return max_steps
-    return sum(int(jnp.size(x)) for x in jax.tree_util.tree_leaves(b))
+    """``max_steps``, or :data:`DEFAULT_MAX_STEPS` when it is ``None``."""
+    return DEFAULT_MAX_STEPS if max_steps is None else max_steps
+
+
+def _identity(v):
+    return v
+
+
+def _refined(inner, residual, b, tol, max_steps, restarts):
+    """Iterative refinement on the true residual, shared by the Krylov solvers.
+
+    ``inner(r, tol, steps_left) → (dx, steps, matvecs, failure)`` solves A dx ≈ r;
+    ``residual(x) → (b − A x, matvecs)`` is recomputed after every inner solve, so
+    ``converged`` always certifies ‖b − A x‖ ≤ tol on the *true* residual, never on
+    a recurrence that drifted. Up to ``restarts`` further inner solves continue
+    from that residual. A tolerance below the precision floor, or one the
+    refinements cannot reach, ends with failure ``"precision"``.
+    """
+    bnorm = _tree.norm(b)
+
+    def cond(st):
+        rounds, x, r, rnorm, k, m, fail = st
+        return (rounds <= restarts) & (rnorm > tol) & (k < max_steps) & (fail == NONE)
+
+    def body(st):
+        rounds, x, r, rnorm, k, m, fail = st
+        dx, dk, dm, f = inner(r, tol, max_steps - k)
+        x_new = _tree.add(x, dx)
+        r_new, rm = residual(x_new)
+        rnorm_new = _tree.norm(r_new)
+        finite = jnp.isfinite(rnorm_new) & _tree.all_finite(x_new)
+        # the first solve always counts (CG's residual may grow while its error shrinks);
+        # a refinement that does not lower the true residual means stagnation
+        better = finite & ((rounds == 0) | (rnorm_new <= rnorm))
+        spent = k + dk >= max_steps
+        f = jnp.where(better | (f != NONE), f, jnp.where(finite, jnp.where(spent, NONE, PRECISION), NONFINITE))
+        return (rounds + 1, _tree.where(better, x_new, x), _tree.where(better, r_new, r),
+                jnp.where(better, rnorm_new, rnorm), k + dk, m + dm + rm, f)
+
+    init = (jnp.int32(0), _tree.zeros_like(b), b, bnorm, jnp.int32(0), jnp.int32(0), jnp.int32(NONE))
+    rounds, x, _, rnorm, k, m, fail = jax.lax.while_loop(cond, body, init)
+    met = rnorm <= tol
+    stalled = (fail == NONE) & ~met & ((rounds > restarts) | (tol < _floor(bnorm)))
+    fail = jnp.where(stalled, PRECISION, fail)
+    return finish(x, k, m, rnorm, met, fail)
 
 
 def finish(x, steps, matvecs, residual, met_tolerance, fail) -> Solution:
@@ -398,128 +480,433 @@ def dense(matvec, b, *, rmatvec=None, form="symmetric", rcond=None) -> Solution:
 # ----------------------------------------------------------------------------- CG
 
 
-@_tree.pytree_dataclass(static=("max_steps",))
-class CG(Solver):
-    """Conjugate gradients for symmetric positive-definite A x = b.
+class _Krylov(Solver):
+    """Shared by CG and MINRES: the preconditioner built in ``init``, refinement on the true residual.
 
-    Stops when ‖r_k‖ ≤ max(rtol·‖b‖, atol) (recurrence residual) or after
-    ``max_steps`` (default: dim b). If pᵀAp ≤ 0 appears, A is not positive
-    definite on the Krylov space: the solve stops with ``failure="indefinite"``
-    and the last iterate, instead of producing garbage — for non-convex models
-    use damping, ``LSTSQ``, or Gauss-Newton curvature. Least-squares and
-    min-norm forms run CG on the normal equations (κ squared).
+    A subclass provides ``_inner(A, Minv, r, tol, steps) → (dx, steps, matvecs,
+    failure)`` for a symmetric A; the normal forms run it on FᵀF with the
+    preconditioner built from FᵀF.
     """
 
-    rtol: Any = 1e-5
-    atol: Any = 0.0
-    max_steps: int | None = None
+    def setup(self, operator, form):
+        pre = get_preconditioner(self.preconditioner, fn=f"solvers.{type(self).__name__}")
+        if pre is None:
+            return None
+        target = operator if form == "symmetric" else normal_operator(SolverState(operator, form).factor)
+        return pre.build(target)
 
     def solve_symmetric(self, state, b):
-        A = state.operator
-        max_steps = _default_steps(self.max_steps, b)
-        bnorm = _tree.norm(b)
-        tol2 = _tolerance(self.rtol, self.atol, bnorm) ** 2
+        return self._solve(state.operator, state.data, b)
+
+    def solve_normal(self, state, c):
+        sol = self._solve(normal_operator(state.factor), state.data, c, normal=True)
+        return sol._replace(num_matvecs=2 * sol.num_matvecs)
+
+    def _solve(self, A, Minv, b, *, normal=False, **inner_options):
+        Minv = _identity if Minv is None else Minv
+        tol = _tolerance(self.rtol, self.atol, _tree.norm(b), normal=normal)
+        inner = lambda r, tol, steps: self._inner(A, Minv, r, tol, steps, **inner_options)
+        residual = lambda x: (_tree.sub(b, A(x)), 1)
+        return _refined(inner, residual, b, tol, _default_steps(self.max_steps, b), self.restarts)
+
+
+@_tree.pytree_dataclass(static=("max_steps", "restarts"))
+class CG(_Krylov):
+    """(Preconditioned) conjugate gradients for symmetric positive-definite A x = b.
+
+    Stops when the true residual ‖b − A x‖ ≤ max(rtol·‖b‖, atol), checked
+    after the recurrence says so (and refined from the true residual up to
+    ``restarts`` times if rounding made them differ), or after ``max_steps``
+    steps (default :data:`DEFAULT_MAX_STEPS`). ``rtol=None`` picks by dtype
+    (:data:`DEFAULT_RTOL`). ``preconditioner`` (a value from
+    :mod:`gifjax.preconditioners`, built once in ``init``) must approximate
+    A⁻¹. If pᵀAp ≤ 0 appears, A is not positive definite on the Krylov space:
+    the solve stops with ``failure="indefinite"`` and the last iterate — use
+    :class:`MINRES` for indefinite A. Least-squares and min-norm forms run
+    CG on the normal equations (κ squared).
+    """
+
+    rtol: Any = None
+    atol: Any = 0.0
+    max_steps: int | None = None
+    preconditioner: Any = None
+    restarts: int = 2
+
+    def _inner(self, A, Minv, b, tol, max_steps, curvature=None, nonpositive=INDEFINITE):
+        """PCG; ``curvature(p) → (A p, pᵀAp)`` lets CGLS measure pᵀFᵀFp as ‖F p‖²."""
+        tol2 = tol**2
+        curvature = curvature or (lambda p: (lambda Ap: (Ap, _tree.vdot(p, Ap)))(A(p)))
 
         def cond(s):
-            k, x, r, p, rr, fail = s
+            k, x, r, p, rz, rr, fail = s
             return (k < max_steps) & (rr > tol2) & (fail == NONE)
 
         def body(s):
-            k, x, r, p, rr, fail = s
-            Ap = A(p)
-            pAp = _tree.vdot(p, Ap)
-            alpha = rr / pAp
+            k, x, r, p, rz, rr, fail = s
+            Ap, pAp = curvature(p)
+            alpha = rz / pAp
             x_new = _tree.axpy(alpha, p, x)
             r_new = _tree.axpy(-alpha, Ap, r)
-            rr_new = _tree.vdot(r_new, r_new)
-            p_new = _tree.axpy(rr_new / rr, p, r_new)
-            fail = jnp.where(pAp <= 0, INDEFINITE,
+            z = Minv(r_new)
+            rz_new, rr_new = _tree.vdot(r_new, z), _tree.vdot(r_new, r_new)
+            p_new = _tree.axpy(rz_new / rz, p, z)
+            fail = jnp.where(~(pAp > 0), nonpositive,
                              jnp.where(jnp.isfinite(rr_new) & _tree.all_finite(x_new), NONE, NONFINITE))
             ok = fail == NONE
-            return (k + 1, _tree.where(ok, x_new, x), _tree.where(ok, r_new, r),
-                    _tree.where(ok, p_new, p), jnp.where(ok, rr_new, rr), fail)
+            return (k + 1, _tree.where(ok, x_new, x), _tree.where(ok, r_new, r), _tree.where(ok, p_new, p),
+                    jnp.where(ok, rz_new, rz), jnp.where(ok, rr_new, rr), fail)
 
-        init = (jnp.int32(0), _tree.zeros_like(b), b, b, bnorm**2, jnp.int32(NONE))
-        k, x, _, _, rr, fail = jax.lax.while_loop(cond, body, init)
-        converged = (rr <= tol2) & (fail == NONE)
-        fail = jnp.where(converged | (fail != NONE), fail, MAX_STEPS)
-        return _solution(x, k, k, jnp.sqrt(rr), converged, fail)
+        z = Minv(b)
+        init = (jnp.int32(0), _tree.zeros_like(b), b, z, _tree.vdot(b, z), _tree.vdot(b, b), jnp.int32(NONE))
+        k, x, _, _, _, _, fail = jax.lax.while_loop(cond, body, init)
+        return x, k, k, fail
 
 
-def cg(matvec, b, *, rmatvec=None, form="symmetric", rtol=1e-5, atol=0.0, max_steps=None):
+def cg(matvec, b, *, rmatvec=None, form="symmetric", rtol=None, atol=0.0, max_steps=None):
     """Functional form of :class:`CG`."""
     return CG(rtol=rtol, atol=atol, max_steps=max_steps)(matvec, b, rmatvec=rmatvec, form=form)
+
+
+# ----------------------------------------------------------------------------- MINRES / LSMR
+
+
+@_tree.pytree_dataclass(static=("max_steps", "restarts"))
+class MINRES(_Krylov):
+    r"""(Preconditioned) MINRES for symmetric — possibly indefinite or singular — A x = b.
+
+    Paige & Saunders (1975): Lanczos on M⁻¹A with Givens rotations, x_k
+    minimising ‖b − A x‖_{M⁻¹} over the Krylov space, one matvec per step,
+    no breakdown on negative curvature (the normal case for the Hessian of a
+    trained network). For a consistent singular system started at 0 it
+    returns the minimum-norm solution on the Krylov space (e.g. (P H P)⁺ b
+    for FIF). Stopping, tolerances, ``preconditioner`` (SPD, built once in
+    ``init``) and ``restarts`` are as in :class:`CG`; the answer is certified
+    on the true residual. The normal forms (GIF) run MINRES on FᵀF, which is
+    LSMR (Fong & Saunders 2011: LSMR ≡ MINRES on AᵀA x = Aᵀb).
+    """
+
+    rtol: Any = None
+    atol: Any = 0.0
+    max_steps: int | None = None
+    preconditioner: Any = None
+    restarts: int = 2
+
+    def _inner(self, A, Minv, b, tol, max_steps):
+        y = Minv(b)
+        beta1 = jnp.sqrt(jnp.maximum(_tree.vdot(b, y), 0.0))
+        # phibar estimates ‖r‖_{M⁻¹}; stop on the relative reduction the 2-norm tolerance asks for
+        target = tol / jnp.maximum(_tree.norm(b), jnp.finfo(beta1.dtype).tiny) * beta1
+        zero = _tree.zeros_like(b)
+        eps = jnp.finfo(beta1.dtype).eps
+
+        def cond(s):
+            k, fail, phibar = s[0], s[1], s[-3]
+            return (k < max_steps) & (phibar > target) & (fail == NONE)
+
+        def body(s):
+            k, fail, x, r1, r2, y, w, w2, beta, oldb, dbar, epsln, phibar, cs, sn = s
+            v = _tree.scale(1.0 / beta, y)
+            y = A(v)
+            y = _tree.axpy(-jnp.where(k > 0, beta / jnp.where(oldb > 0, oldb, 1.0), 0.0), r1, y)
+            alfa = _tree.vdot(v, y)
+            y = _tree.axpy(-alfa / beta, r2, y)
+            r1, r2 = r2, y
+            y = Minv(r2)
+            oldb, beta2 = beta, _tree.vdot(r2, y)
+            beta = jnp.sqrt(jnp.maximum(beta2, 0.0))
+            oldeps = epsln
+            delta = cs * dbar + sn * alfa
+            gbar = sn * dbar - cs * alfa
+            epsln = sn * beta
+            dbar = -cs * beta
+            gamma = jnp.maximum(jnp.hypot(gbar, beta), eps)
+            cs, sn = gbar / gamma, beta / gamma
+            phi, phibar = cs * phibar, sn * phibar
+            w1, w2 = w2, w
+            w = _tree.scale(1.0 / gamma, _tree.axpy(-delta, w2, _tree.axpy(-oldeps, w1, v)))
+            x_new = _tree.axpy(phi, w, x)
+            fail = jnp.where(beta2 < 0, BREAKDOWN,   # the preconditioner is not positive definite
+                             jnp.where(jnp.isfinite(phibar) & _tree.all_finite(x_new), NONE, NONFINITE))
+            ok = fail == NONE
+            # beta = 0: the Krylov space is invariant and x_new solves the system (phibar = 0)
+            return (k + 1, fail, _tree.where(ok, x_new, x), r1, r2, y, w, w2, jnp.where(beta > 0, beta, 1.0),
+                    oldb, dbar, epsln, jnp.where(ok, phibar, 0.0), cs, sn)
+
+        dt = beta1.dtype
+        init = (jnp.int32(0), jnp.int32(NONE), zero, b, b, y, zero, zero,
+                jnp.where(beta1 > 0, beta1, 1.0), jnp.zeros((), dt), jnp.zeros((), dt), jnp.zeros((), dt),
+                beta1, -jnp.ones((), dt), jnp.zeros((), dt))
+        out = jax.lax.while_loop(cond, body, init)
+        return out[2], out[0], out[0], out[1]
+
+
+@_tree.pytree_dataclass(static=("max_steps", "restarts"))
+class LSMR(MINRES):
+    r"""LSMR: MINRES on the normal equations, for least squares and minimum norm.
+
+    The answer is A⁺ b for all three forms: GIF's update min ‖H P x − g‖ and
+    its min-norm adjoint go through the shared normal system FᵀF (module
+    docstring), and a symmetric — perhaps indefinite or singular,
+    inconsistent — A gets min ‖A x − b‖ via A² x = A b. The residual it
+    controls and certifies is the normal one, ‖Fᵀ(b − F x)‖ ≤ rtol·‖Fᵀb‖.
+    Fields as in :class:`MINRES` (the preconditioner approximates (FᵀF)⁻¹ and
+    is built from FᵀF). Two matvecs per step.
+    """
+
+    def solve_symmetric(self, state, b):
+        A = state.operator
+        sol = self.solve_normal(SolverState(A, "least_squares", state.data), A(b))
+        return sol._replace(num_matvecs=sol.num_matvecs + 1)
+
+    def setup(self, operator, form):
+        return super().setup(operator, "least_squares" if form == "symmetric" else form)
+
+
+def minres(matvec, b, *, rmatvec=None, form="symmetric", rtol=None, atol=0.0, max_steps=None):
+    """Functional form of :class:`MINRES`."""
+    return MINRES(rtol=rtol, atol=atol, max_steps=max_steps)(matvec, b, rmatvec=rmatvec, form=form)
+
+
+# ----------------------------------------------------------------------------- block CG
+
+
+def _rows(B):
+    """A batch of pytrees (leading axis Q) as flat rows [Q, n], with the way back."""
+    first = jax.tree_util.tree_map(lambda a: a[0], B)
+    unravel = jax.flatten_util.ravel_pytree(first)[1]
+    return jax.vmap(lambda t: jax.flatten_util.ravel_pytree(t)[0])(B), jax.vmap(unravel)
+
+
+def _row_norms(R):
+    return jnp.sqrt(jnp.sum(R * R, axis=1))
+
+
+@_tree.pytree_dataclass(static=("max_steps", "restarts"))
+class BlockCG(_Krylov):
+    r"""Block (preconditioned) conjugate gradients: Q right-hand sides, one Krylov space.
+
+    For A X = B with B = [b_1 … b_Q], each step applies A once to a block of
+    Q search directions (one batched HVP) and updates every column from the
+    block Krylov space K_k(A, B) of dimension up to Q·k, so the columns share
+    what each one finds — on spectra with a few large outliers (every
+    trained network's Hessian) this needs far fewer steps per query than Q
+    separate CG solves run side by side (``vmap``), which run as long as
+    their slowest lane. Breakdown-free variant (Ji & Li 2017, after O'Leary
+    1980): the direction block is re-orthonormalised every step by a
+    rank-revealing Gram eigendecomposition, so converged columns and directions that became
+    linearly dependent drop out (deflation) instead of making the small
+    Gram matrices singular.
+
+    Stopping, tolerances (``rtol=None`` by dtype), ``max_steps`` and
+    ``preconditioner`` (SPD, built once in ``init``) are as in :class:`CG`,
+    per column; ``converged`` is certified on each column's *true* residual
+    ‖b_j − A x_j‖, with up to ``restarts`` refinement rounds from it. A
+    non-positive-definite block Gram matrix PᵀAP stops every unconverged
+    column with ``failure="indefinite"`` (use :class:`MINRES`, damping, or
+    the GGN). The normal forms (GIF) run block CG on FᵀF.
+
+    Use it through :meth:`compute_many` (``influence_scores`` and
+    ``adjoint_solves`` do); ``compute`` is a block of one. Each column's
+    ``num_matvecs`` is the block's step count (each step costs one matvec
+    per column) plus the residual checks; ``num_steps`` counts the steps
+    that column was still active.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from gifjax import operators, solvers
+      >>> A = jnp.diag(jnp.arange(1.0, 101.0))
+      >>> op = operators.LinearOperator(lambda v: A @ v, symmetric=True, psd=True, like=jnp.zeros(100))
+      >>> s = solvers.BlockCG()
+      >>> sol = s.compute_many(s.init(op), jnp.eye(100)[:8])
+      >>> bool(sol.converged.all()), sol.value.shape
+      (True, (8, 100))
+    """
+
+    rtol: Any = None
+    atol: Any = 0.0
+    max_steps: int | None = None
+    preconditioner: Any = None
+    restarts: int = 2
+
+    def compute(self, state, b, *, throw: bool = False):
+        sol = jax.tree_util.tree_map(lambda a: a[0], self.compute_many(state, jax.tree_util.tree_map(
+            lambda a: a[None], b)))
+        return check_solution(f"solvers.{type(self).__name__}", sol) if throw else sol
+
+    def compute_many(self, state, B):
+        return _differentiable_solve(self, state, B, many=True)
+
+    def solve_symmetric(self, state, b):
+        return jax.tree_util.tree_map(lambda a: a[0], self.solve_symmetric_many(
+            state, jax.tree_util.tree_map(lambda a: a[None], b)))
+
+    def solve_symmetric_many(self, state, B):
+        return self._block(state.operator, state.data, B, normal=False)
+
+    def solve_normal_many(self, state, C):
+        return self._block(normal_operator(state.factor), state.data, C, normal=True)
+
+    def _block(self, A, Minv, B, *, normal):
+        rows, unrows = _rows(B)
+        unravel = jax.flatten_util.ravel_pytree(jax.tree_util.tree_map(lambda a: a[0], B))[1]
+        flat = lambda f: jax.vmap(lambda r: jax.flatten_util.ravel_pytree(f(unravel(r)))[0])
+        A_rows = flat(A.matvec)
+        M_rows = None if Minv is None else flat(Minv)
+        bnorm = _row_norms(rows)
+        tol = _tolerance(self.rtol, self.atol, bnorm, normal=normal)
+        max_steps = _default_steps(self.max_steps, None)
+        x, steps, matvecs, residual, met, fail = _block_cg_refined(A_rows, M_rows, rows, tol, max_steps,
+                                                                   self.restarts)
+        bad_tol = (fail == NONE) & ~met & (tol < _floor(bnorm))
+        fail = jnp.where(bad_tol, PRECISION, fail)
+        matvecs = jnp.broadcast_to((2 if normal else 1) * matvecs, steps.shape)
+        sols = jax.vmap(finish)(x, steps, matvecs, residual, met, fail)
+        return sols._replace(value=unrows(sols.value))
+
+
+def _block_cg_refined(A, Minv, B, tol, max_steps, restarts):
+    """Block CG from the true residual, up to ``restarts`` more rounds.
+
+    Returns (X, per-column steps, matvecs per column: block steps + residual
+    checks, true residual norms, met, per-column failure).
+    """
+    Q = B.shape[0]
+
+    def cond(st):
+        rounds, x, r, rnorm, steps, k, fail = st
+        todo = (rnorm > tol) & (fail == NONE)
+        return (rounds <= restarts) & jnp.any(todo) & (k < max_steps)
+
+    def body(st):
+        rounds, x, r, rnorm, steps, k, fail = st
+        todo = (rnorm > tol) & (fail == NONE)
+        dx, dsteps, dk, f = _block_cg(A, Minv, r * todo[:, None], tol, max_steps - k)
+        x_new = x + dx
+        r_new = B - A(x_new)
+        rnorm_new = _row_norms(r_new)
+        finite = jnp.isfinite(rnorm_new) & jnp.all(jnp.isfinite(x_new), axis=1)
+        better = todo & finite & ((rounds == 0) | (rnorm_new <= rnorm))
+        spent = k + dk >= max_steps
+        f = jnp.where(~todo | better | (f != NONE), jnp.where(todo, f, NONE),
+                      jnp.where(finite, jnp.where(spent, NONE, PRECISION), NONFINITE))
+        keep = lambda new, old: jnp.where(better[:, None], new, old)
+        return (rounds + 1, keep(x_new, x), keep(r_new, r), jnp.where(better, rnorm_new, rnorm),
+                steps + dsteps, k + dk, jnp.where(todo, f, fail))
+
+    zero = jnp.zeros((Q,), jnp.int32)
+    init = (jnp.int32(0), jnp.zeros_like(B), B, _row_norms(B), zero, jnp.int32(0), zero + NONE)
+    rounds, x, _, rnorm, steps, k, fail = jax.lax.while_loop(cond, body, init)
+    met = rnorm <= tol
+    stalled = (fail == NONE) & ~met & (rounds > restarts)
+    return x, steps, k + rounds, rnorm, met, jnp.where(stalled, PRECISION, fail)
+
+
+def _block_cg(A, Minv, B, tol, max_steps):
+    """Breakdown-free block PCG on rows: (X, per-column steps, block steps, per-column failure)."""
+    Q, dt = B.shape[0], B.dtype
+    Minv = _identity if Minv is None else Minv
+    mm = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
+    # Gram eigenvalues below eps^0.9·max are dependent (or noise) directions. Any direction is a
+    # valid search direction once the second (Cholesky) pass has made the block orthonormal;
+    # dropping more (e.g. eps^(2/3)) made block CG several times slower near an exhausted space.
+    drop = jnp.finfo(dt).eps ** 0.9
+
+    def orthonormal(W):
+        """Orthonormal rows spanning W's rows; zero rows for dropped, dependent directions.
+
+        Two passes of Gram-matrix orthogonalisation (CholQR2), the first
+        rank-revealing by eigh — robust to zero and repeated rows, where
+        Householder QR would divide by zero.
+        """
+        norms = _row_norms(W)
+        Wn = W / jnp.where(norms > 0, norms, 1.0)[:, None]
+        w, V = jnp.linalg.eigh(mm(Wn, Wn.T))
+        keep = w > drop * jnp.maximum(w[-1], jnp.finfo(dt).tiny)
+        P = mm(V.T, Wn) * jnp.where(keep, 1.0 / jnp.sqrt(jnp.where(keep, w, 1.0)), 0.0)[:, None]
+        L = jnp.linalg.cholesky(mm(P, P.T) + jnp.diag(jnp.where(keep, 0.0, 1.0).astype(dt)))
+        return jax.scipy.linalg.solve_triangular(L, P, lower=True), keep
+
+    def cond(st):
+        k, x, r, p, keep, active, steps, fail = st
+        return (k < max_steps) & jnp.any(active) & jnp.any(keep) & jnp.all(fail == NONE)
+
+    def body(st):
+        k, x, r, p, keep, active, steps, fail = st
+        ap = A(p)
+        G = 0.5 * (mm(p, ap.T) + mm(ap, p.T)) + jnp.diag(jnp.where(keep, 0.0, 1.0).astype(dt))
+        w, V = jnp.linalg.eigh(G)
+        pd = jnp.all(w > 0)
+        Ginv = mm(V / jnp.where(w > 0, w, 1.0), V.T)
+        alpha = mm(Ginv, mm(p, r.T))                 # [s, Q]
+        x_new = x + mm(alpha.T, p)
+        r_new = r - mm(alpha.T, ap)
+        rnorm = _row_norms(r_new)
+        still = active & (rnorm > tol)
+        z = Minv(r_new) * still[:, None]
+        beta = -mm(Ginv, mm(ap, z.T))                # [s, Q]
+        p_new, keep_new = orthonormal(z + mm(beta.T, p))
+        finite = jnp.all(jnp.isfinite(x_new)) & jnp.all(jnp.isfinite(p_new))
+        f = jnp.where(~pd, INDEFINITE, jnp.where(finite, NONE, NONFINITE))
+        ok = f == NONE
+        fail = jnp.where(ok | ~active, fail, f)
+        return (k + 1, jnp.where(ok, x_new, x), jnp.where(ok, r_new, r), jnp.where(ok, p_new, p),
+                keep_new & ok, jnp.where(ok, still, active), steps + active, fail)
+
+    active = _row_norms(B) > tol
+    p, keep = orthonormal(Minv(B) * active[:, None])
+    init = (jnp.int32(0), jnp.zeros_like(B), B, p, keep, active, jnp.zeros((Q,), jnp.int32),
+            jnp.zeros((Q,), jnp.int32) + NONE)
+    k, x, _, _, _, _, steps, fail = jax.lax.while_loop(cond, body, init)
+    return x, steps, k, fail
 
 
 # ----------------------------------------------------------------------------- LSTSQ
 
 
-@_tree.pytree_dataclass(static=("max_steps",))
-class LSTSQ(Solver):
-    """Least-squares Krylov solver: CGLS for min ‖Ax − b‖, Craig for min-norm.
+@_tree.pytree_dataclass(static=("max_steps", "restarts"))
+class LSTSQ(CG):
+    """Least-squares Krylov solver: (preconditioned) CGLS for min ‖Ax − b‖, Craig for min-norm.
 
     Both run on the normal system FᵀF x = c (module docstring) with F and Fᵀ
-    applied separately, the curvature measured as ‖F p‖²:
+    applied separately, the curvature measured as ‖F p‖² (more accurate
+    than MINRES/CG on FᵀF as one operator, e.g. 1e-5 vs 1e-3 relative error
+    for GIF in float32 on an undamped, indefinite Hessian):
 
-    * least_squares (GIF's update ``min_x ‖H P x − g‖``): CGLS; stops when the
-      normal-equation residual ‖Aᵀ(b − Ax)‖ ≤ max(rtol·‖Aᵀb‖, atol).
+    * least_squares (GIF's update ``min_x ‖H P x − g‖``): CGLS; certifies the
+      true normal-equation residual ‖Aᵀ(b − Ax)‖ ≤ max(rtol·‖Aᵀb‖, atol).
     * min_norm (GIF's adjoint, used for influence scores): Craig's method
-      (CGNE), x = Aᵀz with A Aᵀ z = b; stops on ‖b − Ax‖ ≤ max(rtol·‖b‖, atol).
+      (CGNE), x = Aᵀz with A Aᵀ z = b, certifying ‖b − A Aᵀ z‖ on z.
     * symmetric: CGLS with Aᵀ = A, i.e. the least-squares (pseudo-inverse)
       solution; robust when A is indefinite or singular, where CG breaks down.
 
-    Two matvecs per step; max_steps defaults to dim b. Tolerances below the
-    working precision are raised to 16·eps times the right-hand side's norm:
-    past that floor the recurrences lose orthogonality and, on singular
-    systems like GIF's H P, the iterate diverges instead of stalling.
+    Fields as in :class:`CG` (``preconditioner`` approximates (FᵀF)⁻¹ and is
+    built from FᵀF). Two matvecs per step. A tolerance below the working
+    precision (16·eps·‖rhs‖) is reported as ``failure="precision"``, never
+    as met: past that floor the recurrences lose orthogonality and, on
+    singular systems like GIF's H P, the iterate diverges instead of stalling.
     """
 
-    rtol: Any = 1e-5
-    atol: Any = 0.0
-    max_steps: int | None = None
+    def setup(self, operator, form):
+        return super().setup(operator, "least_squares" if form == "symmetric" else form)
 
     def solve_symmetric(self, state, b):
-        sol = self._cgls(state.operator, state.operator(b))
+        A = state.operator
+        sol = self.solve_normal(SolverState(A, "least_squares", state.data), A(b))
         return sol._replace(num_matvecs=sol.num_matvecs + 1)
 
     def solve_normal(self, state, c):
-        return self._cgls(state.factor, c)
+        F = state.factor
 
-    def _cgls(self, F, c):
-        max_steps = _default_steps(self.max_steps, c)
-        gamma0 = _tree.vdot(c, c)
-        tol2 = _tolerance(self.rtol, self.atol, jnp.sqrt(gamma0), floor=True) ** 2
-
-        def cond(st):
-            k, x, s, p, gamma, fail = st
-            return (k < max_steps) & (gamma > tol2) & (fail == NONE)
-
-        def body(st):
-            k, x, s, p, gamma, fail = st
+        def curvature(p):
             q = F(p)
-            qq = _tree.vdot(q, q)
-            alpha = gamma / qq
-            x_new = _tree.axpy(alpha, p, x)
-            s_new = _tree.axpy(-alpha, F.transpose_matvec(q), s)
-            gamma_new = _tree.vdot(s_new, s_new)
-            p_new = _tree.axpy(gamma_new / gamma, p, s_new)
-            fail = _krylov_failure(qq, gamma_new, x_new)
-            ok = fail == NONE
-            return (k + 1, _tree.where(ok, x_new, x), _tree.where(ok, s_new, s),
-                    _tree.where(ok, p_new, p), jnp.where(ok, gamma_new, gamma), fail)
+            return F.transpose_matvec(q), _tree.vdot(q, q)
 
-        init = (jnp.int32(0), _tree.zeros_like(c), c, c, gamma0, jnp.int32(NONE))
-        k, x, _, _, gamma, fail = jax.lax.while_loop(cond, body, init)
-        return finish(x, k, 2 * k, jnp.sqrt(gamma), gamma <= tol2, fail)
+        sol = self._solve(normal_operator(F), state.data, c, normal=True, curvature=curvature,
+                          nonpositive=BREAKDOWN)
+        return sol._replace(num_matvecs=2 * sol.num_matvecs)
 
 
-def _krylov_failure(denominator, new_norm2, x_new):
-    return jnp.where(
-        ~(denominator > 0), BREAKDOWN,
-        jnp.where(jnp.isfinite(new_norm2) & _tree.all_finite(x_new), NONE, NONFINITE))
-
-
-def lstsq(matvec, b, *, rmatvec=None, form="least_squares", rtol=1e-5, atol=0.0, max_steps=None):
+def lstsq(matvec, b, *, rmatvec=None, form="least_squares", rtol=None, atol=0.0, max_steps=None):
     """Functional form of :class:`LSTSQ` (default form: least squares)."""
     return LSTSQ(rtol=rtol, atol=atol, max_steps=max_steps)(matvec, b, rmatvec=rmatvec, form=form)
 
@@ -714,9 +1101,11 @@ def richardson(matvec, b, *, rmatvec=None, form="least_squares", **config) -> So
 
 # ----------------------------------------------------------------------------- names
 
-SOLVERS = {"dense": Dense, "cg": CG, "lstsq": LSTSQ, "lissa": LiSSA, "richardson": Richardson}
-#: What ``solver="auto"`` means for each form.
-AUTO = {"symmetric": CG, "least_squares": LSTSQ, "min_norm": LSTSQ}
+SOLVERS = {"dense": Dense, "cg": CG, "block_cg": BlockCG, "minres": MINRES, "lsmr": LSMR, "lstsq": LSTSQ, "lissa": LiSSA,
+           "richardson": Richardson}
+#: What ``solver="auto"`` means for each form: MINRES (indefinite-safe, 1 matvec
+#: per step) for the symmetric estimators, LSTSQ (CGLS / Craig) for GIF.
+AUTO = {"symmetric": MINRES, "least_squares": LSTSQ, "min_norm": LSTSQ}
 
 
 def get_solver(solver, *, form: str = "symmetric", fn: str = "solvers.get_solver") -> Solver:

@@ -77,7 +77,8 @@ def test_least_squares_matches_lstsq(name, dtype):
 @pytest.mark.parametrize("form", ["least_squares", "min_norm"])
 def test_lstsq_stops_at_the_precision_floor_instead_of_diverging(form, dtype):
     """With rtol=0 and a budget far past convergence, CGLS / Craig on a singular masked system
-    used to lose orthogonality and blow up (float32: |x| ~ 1e10); they now stop at ~16·eps."""
+    used to lose orthogonality and blow up (float32: |x| ~ 1e10); they now stop at the precision
+    floor and say that rtol=0 was unreachable (failure "precision", never "converged")."""
     A, keep = masked_columns(spd(dtype, cond=8.0), k=5)
     At = A.T
     b = rhs(dtype) if form == "least_squares" else jnp.zeros(N, dtype).at[keep].set(rhs(dtype)[keep])
@@ -86,7 +87,8 @@ def test_lstsq_stops_at_the_precision_floor_instead_of_diverging(form, dtype):
                                                     form=form)
     expected = (jnp.zeros(N, dtype).at[keep].set(jnp.linalg.lstsq(A[:, keep], b)[0])
                 if form == "least_squares" else jnp.linalg.pinv(At) @ b)
-    assert bool(sol.converged) and int(sol.num_steps) < 50 * N
+    assert not bool(sol.converged) and sol.failure_names() == "precision"
+    assert int(sol.num_steps) < 50 * N
     assert rel_err(sol.value, expected) < RTOL[dtype]
 
 
@@ -125,7 +127,9 @@ def test_vmap_equals_loop_and_stops_per_rhs(name, x64):
         assert abs(int(batched.num_steps[i]) - int(single.num_steps)) <= 1
     assert bool(jnp.all(batched.converged))
     if name != "richardson":
-        assert int(batched.num_steps[0]) <= 3 < int(batched.num_steps[1])
+        # the eigenvector lane stops after a few steps (a refinement from the true residual
+        # may add one), the others run on: each lane stops on its own test
+        assert int(batched.num_steps[0]) <= 4 < int(batched.num_steps[1])
 
 
 def test_non_converging_reports_max_steps(dtype):

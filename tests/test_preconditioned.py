@@ -1,0 +1,244 @@
+"""MINRES / LSMR / preconditioned CG and the preconditioners, against dense float64 references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gifjax
+from gifjax import lowrank, masks, preconditioners as pre, solvers
+from conftest import dense_estimate, make_problem, rel_err
+
+
+def matrix(kind, n=40, seed=0):
+    """A symmetric matrix with spread eigenvalues: SPD (κ = 1e3), indefinite, or singular PSD."""
+    rng = np.random.default_rng(seed)
+    Q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    ev = {"spd": np.logspace(0, 3, n),
+          "indefinite": np.concatenate([-np.logspace(0, 2, 8), np.logspace(0, 3, n - 8)]),
+          "singular": np.concatenate([np.zeros(5), np.logspace(0, 3, n - 5)])}[kind]
+    return Q @ np.diag(ev) @ Q.T, rng.normal(size=n)
+
+
+PRECONDITIONERS = {"none": None, "jacobi": pre.Jacobi(num_probes=16), "nystrom": pre.Nystrom(rank=8),
+                   "deflation": pre.Deflation(rank=8)}
+
+
+@pytest.mark.parametrize("kind", ["spd", "indefinite"])
+def test_minres_and_pcg_match_the_dense_solve_with_every_preconditioner(kind, x64):
+    A, b = matrix(kind)
+    expected = np.linalg.solve(A, b)
+    A, b = jnp.asarray(A), jnp.asarray(b)
+    op = solvers.LinearOperator(lambda v: A @ v, symmetric=True, psd=kind == "spd", like=b)
+    for name, M in PRECONDITIONERS.items():
+        for solver in [solvers.MINRES(preconditioner=M, max_steps=400)] + (
+                [solvers.CG(preconditioner=M, max_steps=400)] if kind == "spd" else []):
+            sol = solver.compute(solver.init(op), b)
+            assert bool(sol.converged), (name, type(solver).__name__, sol.failure_names())
+            assert rel_err(sol.value, expected) < 1e-8, (name, type(solver).__name__)
+            true = float(jnp.linalg.norm(b - A @ sol.value))
+            assert true <= 1e-10 * float(jnp.linalg.norm(b)) * (1 + 1e-6)  # converged ⇒ true residual met
+
+
+def test_cg_reports_indefinite_and_minres_does_not_stop_there(x64):
+    A, b = map(jnp.asarray, matrix("indefinite"))
+    cg = solvers.CG(max_steps=400)(lambda v: A @ v, b)
+    assert cg.failure_names() == "indefinite" and not bool(cg.converged)
+    assert bool(solvers.MINRES(max_steps=400)(lambda v: A @ v, b).converged)
+
+
+def test_minres_gives_the_minimum_norm_solution_of_a_consistent_singular_system(x64):
+    A, b = matrix("singular")
+    b = A @ b  # consistent
+    sol = solvers.MINRES(max_steps=400)(lambda v: jnp.asarray(A) @ v, jnp.asarray(b))
+    assert bool(sol.converged)
+    assert rel_err(sol.value, np.linalg.pinv(A) @ b) < 1e-8
+
+
+def test_lsmr_solves_least_squares_and_min_norm(x64):
+    rng = np.random.default_rng(3)
+    A = rng.normal(size=(30, 12)) @ np.diag(np.logspace(0, 1.5, 12))
+    b = rng.normal(size=30)
+    Aj = jnp.asarray(A)
+    ls = solvers.LSMR(max_steps=300)(lambda v: Aj @ v, jnp.asarray(b), rmatvec=lambda u: Aj.T @ u,
+                                     form="least_squares")
+    assert bool(ls.converged) and rel_err(ls.value, np.linalg.lstsq(A, b, rcond=None)[0]) < 1e-8
+    c = rng.normal(size=12)
+    mn = solvers.LSMR(max_steps=300)(lambda v: Aj.T @ v, jnp.asarray(c), rmatvec=lambda u: Aj @ u,
+                                     form="min_norm")
+    assert bool(mn.converged) and rel_err(mn.value, np.linalg.pinv(A.T) @ c) < 1e-8
+    # symmetric indefinite, inconsistent: the least-squares (pseudo-inverse) answer
+    S, s = matrix("singular")
+    S = S - 2.0 * np.eye(40) * 0  # keep it singular
+    sol = solvers.LSMR(max_steps=400)(lambda v: jnp.asarray(S) @ v, jnp.asarray(s))
+    assert rel_err(sol.value, np.linalg.pinv(S) @ s) < 1e-7
+
+
+def test_preconditioners_cut_steps_on_a_spectrum_with_outliers(x64):
+    """Ten large outliers over a flat bulk: deflating them leaves κ ≈ 10 instead of 1e4."""
+    rng = np.random.default_rng(1)
+    n = 200
+    Q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    ev = np.concatenate([np.logspace(2, 4, 10), np.linspace(1, 10, n - 10)])
+    A = jnp.asarray(Q @ np.diag(ev) @ Q.T)
+    b = jnp.asarray(rng.normal(size=n))
+    op = solvers.LinearOperator(lambda v: A @ v, symmetric=True, psd=True, like=b)
+    steps = {}
+    for name, M in [("none", None), ("nystrom", pre.Nystrom(rank=12)), ("deflation", pre.Deflation(rank=10))]:
+        s = solvers.MINRES(preconditioner=M, max_steps=1000)
+        sol = s.compute(s.init(op), b)
+        assert bool(sol.converged), name
+        steps[name] = int(sol.num_steps)
+    assert steps["nystrom"] < steps["none"] / 2 and steps["deflation"] < steps["none"] / 2, steps
+
+
+def test_unreachable_tolerance_is_reported_as_precision_not_converged():
+    A, b = matrix("spd")
+    A, b = jnp.asarray(A, jnp.float32), jnp.asarray(b, jnp.float32)
+    for solver in [solvers.MINRES(rtol=1e-9), solvers.CG(rtol=1e-9)]:
+        sol = solver(lambda v: A @ v, b)
+        assert not bool(sol.converged)
+        assert sol.failure_names() == "precision", type(solver).__name__
+        assert bool(jnp.all(jnp.isfinite(sol.value)))
+
+
+def test_default_tolerance_depends_on_the_dtype():
+    assert solvers.default_rtol(jnp.float32) == 1e-4
+    assert solvers.default_rtol(jnp.float32, normal=True) == 1e-5
+    assert solvers.default_rtol(jnp.float64) == 1e-10
+    assert solvers.default_rtol(jnp.bfloat16) == 1e-2
+
+
+# ----------------------------------------------------------------------------- estimators
+
+
+def _problem_and_g(dtype, damping):
+    problem = make_problem("mlp", dtype)
+    g = jax.grad(problem.loss)(problem.params, problem.x[:3], problem.y[:3])
+    H = np.asarray(problem.hessian, np.float64) + damping * np.eye(problem.hessian.shape[0])
+    return problem, g, H
+
+
+@pytest.mark.parametrize("case", ["damped", "indefinite"])
+def test_auto_meets_its_accuracy_target_for_every_estimator(case, dtype):
+    """solver="auto" vs a float64 dense solve: ≤ 1e-8 (float64), ≤ 1e-4 (float32), converged honest."""
+    damping = make_problem("mlp", dtype).damping if case == "damped" else 0.0
+    problem, g, H = _problem_and_g(dtype, damping)
+    if case == "indefinite":
+        assert np.linalg.eigvalsh(H)[0] < 0  # the undamped Hessian really is indefinite here
+    target = 1e-8 if dtype == jnp.float64 else 1e-4
+    for density in (0.3, 1.0):
+        mask = masks.random_mask(jax.random.key(2), problem.params, fraction=density)
+        idx = masks.flat_indices(mask)
+        for method in gifjax.METHODS:
+            out = gifjax.influence(problem.loss, problem.params, g, problem.x, problem.y, mask=mask,
+                                   method=method, damping=damping)
+            expected = dense_estimate(H, problem.flat(g), method, idx)
+            err = rel_err(problem.flat(out.delta), expected)
+            assert bool(out.converged), (method, density, out.solution.failure_names())
+            assert err < target, (method, density, err)
+
+
+@pytest.mark.parametrize("method", ["fif", "gif"])
+def test_preconditioned_masked_estimators_stay_on_the_mask_and_exact(method, x64):
+    problem, g, H = _problem_and_g(x64, make_problem("mlp", x64).damping)
+    mask = masks.random_mask(jax.random.key(5), problem.params, fraction=0.4)
+    idx = masks.flat_indices(mask)
+    expected = dense_estimate(H, problem.flat(g), method, idx)
+    factors = lowrank.factorize(problem.loss, problem.params, problem.x, problem.y, rank=6, method="if",
+                                damping=problem.damping)
+    for M in [pre.Jacobi(num_probes=8), pre.Nystrom(rank=6), pre.Deflation(rank=6), pre.Deflation(factors)]:
+        out = gifjax.influence(problem.loss, problem.params, g, problem.x, problem.y, mask=mask, method=method,
+                               solver=solvers.MINRES(preconditioner=M), damping=problem.damping)
+        delta = np.asarray(problem.flat(out.delta))
+        assert bool(out.converged), type(M).__name__
+        assert rel_err(delta, expected) < 1e-8, type(M).__name__
+        off = np.setdiff1d(np.arange(delta.size), idx)
+        assert np.all(delta[off] == 0), type(M).__name__
+
+
+def test_preconditioned_scores_are_differentiable(x64):
+    problem, g, _ = _problem_and_g(x64, 0.0)
+    solver = solvers.MINRES(preconditioner=pre.Nystrom(rank=6))
+
+    def f(lam):
+        return gifjax.influence(problem.loss, problem.params, g, problem.x, problem.y, method="if",
+                                solver=solver, damping=lam).delta["dense2"]["bias"][0]
+
+    lam, h = problem.damping, 1e-5
+    fd = (f(lam + h) - f(lam - h)) / (2 * h)
+    assert abs(float(jax.grad(f)(lam)) - float(fd)) < 1e-6 * max(1.0, abs(float(fd)))
+
+
+# ----------------------------------------------------------------------------- block CG
+
+
+def test_block_cg_matches_the_dense_solve_with_repeated_and_zero_columns(x64):
+    A, _ = matrix("spd")
+    rng = np.random.default_rng(7)
+    B = rng.normal(size=(6, 40))
+    B[3] = B[1]          # a repeated query: its directions are dependent and get deflated
+    B[4] = 0.0           # a zero query: answer 0, converged at once
+    A, B = jnp.asarray(A), jnp.asarray(B)
+    op = solvers.LinearOperator(lambda v: A @ v, symmetric=True, psd=True, like=B[0])
+    for name, M in PRECONDITIONERS.items():
+        s = solvers.BlockCG(preconditioner=M, max_steps=400)
+        sol = s.compute_many(s.init(op), B)
+        assert bool(jnp.all(sol.converged)), (name, sol.failure_names())
+        assert rel_err(sol.value, jnp.linalg.solve(A, B.T).T) < 1e-8, name
+        true = jnp.linalg.norm(B - sol.value @ A, axis=1)
+        assert bool(jnp.all(true <= 1e-10 * jnp.linalg.norm(B, axis=1) * (1 + 1e-6))), name
+        assert bool(jnp.all(sol.value[4] == 0)) and int(sol.num_steps[4]) == 0
+    single = solvers.BlockCG().compute(solvers.BlockCG().init(op), B[0])
+    assert single.value.shape == (40,) and rel_err(single.value, jnp.linalg.solve(A, B[0])) < 1e-8
+
+
+def test_block_cg_needs_fewer_steps_than_vmapped_cg_and_reports_indefinite(x64):
+    rng = np.random.default_rng(1)
+    n = 300
+    Q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    ev = np.concatenate([np.logspace(2, 4, 20), np.linspace(0.1, 10, n - 20)])
+    A = jnp.asarray(Q @ np.diag(ev) @ Q.T)
+    B = jnp.asarray(rng.normal(size=(16, n)))
+    op = solvers.LinearOperator(lambda v: A @ v, symmetric=True, psd=True, like=B[0])
+    block = solvers.BlockCG().compute_many(solvers.BlockCG().init(op), B)
+    looped = solvers.CG().compute_many(solvers.CG().init(op), B)
+    assert bool(jnp.all(block.converged)) and bool(jnp.all(looped.converged))
+    assert rel_err(block.value, jnp.linalg.solve(A, B.T).T) < 1e-8
+    assert int(block.num_matvecs.max()) * 2 < int(looped.num_matvecs.max()), (block.num_matvecs, looped.num_matvecs)
+    S, _ = matrix("indefinite")
+    S = jnp.asarray(S)
+    bad = solvers.BlockCG().compute_many(solvers.BlockCG().init(
+        solvers.LinearOperator(lambda v: S @ v, symmetric=True, like=B[0, :40])), B[:3, :40])
+    assert not bool(jnp.any(bad.converged)) and set(bad.failure_names()) == {"indefinite"}
+    assert bool(jnp.all(jnp.isfinite(bad.value)))
+
+
+@pytest.mark.parametrize("method", ["if", "gif"])
+def test_block_scores_match_dense_scores(method, x64):
+    problem = make_problem("mlp", x64)
+    mask = masks.random_mask(jax.random.key(4), problem.params, fraction=0.5)
+    kw = dict(mask=mask, method=method, damping=problem.damping, return_info=True)
+    args = (problem.loss, problem.params, problem.example_loss, (problem.x, problem.y),
+            (problem.x[:7], problem.y[:7]), problem.x, problem.y)
+    block = gifjax.influence_scores(*args, solver="block_cg", test_chunk_size=4, **kw)
+    dense = gifjax.influence_scores(*args, solver="dense", **kw)
+    assert bool(jnp.all(block.solution.converged)), block.solution.failure_names()
+    assert rel_err(block.scores, dense.scores) < 1e-8
+    vals = gifjax.self_influence(problem.loss, problem.params, problem.example_loss, (problem.x[:5], problem.y[:5]),
+                                 problem.x, problem.y, mask=mask, method=method, damping=problem.damping,
+                                 solver="block_cg")
+    assert rel_err(vals, jnp.diagonal(dense.scores[:5, :5])) < 1e-8
+
+
+def test_block_scores_are_differentiable(x64):
+    problem = make_problem("mlp", x64)
+
+    def f(lam):
+        return gifjax.influence_scores(problem.loss, problem.params, problem.example_loss, (problem.x[:4], problem.y[:4]),
+                                       (problem.x[:3], problem.y[:3]), problem.x, problem.y, method="if",
+                                       solver="block_cg", damping=lam).sum()
+
+    lam, h = problem.damping, 1e-5
+    fd = (f(lam + h) - f(lam - h)) / (2 * h)
+    assert abs(float(jax.grad(f)(lam)) - float(fd)) < 1e-6 * max(1.0, abs(float(fd)))
