@@ -44,7 +44,7 @@ the solver (``init`` once, ``compute`` per right-hand side; the adjoint is
 * ``damping=λ`` or ``gifjax.AutoDamping(fraction, key=...)``: λ = fraction ×
   the mean eigenvalue of the curvature (a Hutchinson trace estimate),
   reported as ``damping`` in the results;
-* ``solver``: ``"auto"`` (CG for if/pif/fif, LSTSQ for gif), a name, a
+* ``solver``: ``"auto"`` (MINRES for if/pif/fif, LSTSQ for gif), a name, a
   configured value such as ``gifjax.solvers.CG(rtol=1e-8)``, or
   ``gifjax.lowrank.LowRank(factors)`` (one shared rank-k factorisation, no
   HVP per query);
@@ -61,6 +61,7 @@ top level (``gifjax.influence`` is the function).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -71,7 +72,7 @@ from . import _checks, _tree
 from . import curvature as _curv
 from ._chunks import map_in_chunks
 from .operators import METHODS, Estimator, Problem, curvature_spec
-from .solvers import Solution, Solver, SolverState, check_solution, get_solver
+from .solvers import FAILURES, Solution, Solver, SolverState, check_solution, get_solver
 
 __all__ = ["Adjoints", "Influence", "METHODS", "Scores", "Setup", "adjoint_solve", "adjoint_solves",
            "influence", "influence_scores", "removal_gradient", "self_influence", "setup"]
@@ -199,7 +200,7 @@ def influence(loss_fn: Callable, params, g, *args, mask=None, method: str = "gif
       mask: boolean element mask like ``params`` (traced), or ``None`` for
         all parameters; ignored (but validated) by ``method="if"``.
       method: ``"if"``, ``"pif"``, ``"fif"`` or ``"gif"`` (static).
-      solver: ``"auto"`` (CG for if/pif/fif, LSTSQ for gif), a name from
+      solver: ``"auto"`` (MINRES for if/pif/fif, LSTSQ for gif), a name from
         ``gifjax.solvers.SOLVERS``, or a configured value such as
         ``gifjax.solvers.CG(rtol=1e-8, max_steps=500)``, or
         ``gifjax.lowrank.LowRank(factors)`` (shared low-rank factorisation).
@@ -234,9 +235,10 @@ def influence(loss_fn: Callable, params, g, *args, mask=None, method: str = "gif
       True
 
     Warning:
-      CG needs H_λ positive definite (or P H_λ P for fif); on a non-convex
-      model it stops with ``failure="indefinite"`` — add damping, use
-      ``solver="lstsq"``, or use GIF, whose least-squares system is PSD.
+      CG and BlockCG need H_λ positive definite (or P H_λ P for fif); on a
+      non-convex model they stop with ``failure="indefinite"`` — add damping,
+      use the default MINRES (or ``"lsmr"``), or use GIF, whose least-squares
+      system is PSD.
     """
     fn = "influence"
     _checks.check_like(fn, "g", g, params)
@@ -287,9 +289,44 @@ def adjoint_solves(loss_fn: Callable, params, example_loss_fn: Callable, test_ex
     s = setup(loss_fn, params, *args, mask=mask, method=method, solver=solver, damping=damping,
               chunk_size=chunk_size, curvature=curvature, axis_name=axis_name, adjoint=True, fn=fn)
     grads = jax.vmap(jax.grad(example_loss_fn), in_axes=(None, 0))
-    sols = map_in_chunks(lambda chunk: s.solve_many(grads(params, chunk)), test_examples,
+    sols = map_in_chunks(lambda chunk: _solve_visibly(s, grads(params, chunk)), test_examples,
                          test_chunk_size, caller=fn, arg="test_examples")
     return Adjoints(sols, s.damping)
+
+
+def _rows_finite(tree):
+    leaves = jax.tree_util.tree_leaves(tree)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a.reshape(a.shape[0], -1)), axis=1) for a in leaves]), axis=0)
+
+
+def _solve_visibly(s: Setup, G) -> Solution:
+    """``s.solve_many(G)``, with a NaN answer (never the solvers' zeros) for a non-finite query.
+
+    A test example whose gradient is NaN/Inf would otherwise get the zero
+    vector a solver returns for a non-finite right-hand side — a plausible
+    column of zero scores. Its failure code is ``"nonfinite"``.
+    """
+    sol = s.solve_many(G)
+    ok = _rows_finite(G) & _rows_finite(sol.value)
+    nan = lambda a: jnp.where(ok.reshape((-1,) + (1,) * (a.ndim - 1)), a, jnp.nan)
+    return sol._replace(value=tree_map(nan, sol.value), converged=sol.converged & ok,
+                        failure=jnp.where(ok, sol.failure, jnp.int32(FAILURES.index("nonfinite"))))
+
+
+def _warn_failures(fn: str, sol: Solution) -> None:
+    """One ``RuntimeWarning`` naming how many solves failed and why (outside ``jit`` only)."""
+    if not all(_checks.is_concrete(x) for x in (sol.converged, sol.failure)):
+        return
+    bad = ~np.asarray(sol.converged).ravel()
+    if not bad.any():
+        return
+    codes = np.asarray(sol.failure).ravel()[bad]
+    why = ", ".join(f"{FAILURES[c]}: {int((codes == c).sum())}" for c in sorted(set(codes.tolist())))
+    warnings.warn(f"gifjax.{fn}: {int(bad.sum())} of {bad.size} solves did not converge ({why}); their "
+                  "values are not to be trusted. Fix: add damping (or gifjax.AutoDamping), use "
+                  "solver='minres' / 'lsmr' or curvature=gifjax.GGN(...) for indefinite curvature, raise "
+                  "max_steps, or check NaN/Inf examples; return_info=True gives per-query diagnostics, "
+                  "throw=True raises.", RuntimeWarning, stacklevel=3)
 
 
 def contract(grads, adjoints):
@@ -339,6 +376,13 @@ def influence_scores(loss_fn: Callable, params, example_loss_fn: Callable, train
       train_examples, test_examples: pytrees with a leading batch axis.
       return_info: also return the per-test :class:`~gifjax.solvers.Solution`
         (as :class:`Scores`) — check ``converged`` on real models.
+
+    Failed solves are never silent: outside ``jit`` one ``RuntimeWarning``
+    says how many test points did not converge and why (``throw=True``
+    raises instead; inside ``jit`` the diagnostics travel in
+    ``return_info``). A test example with a non-finite gradient gets a NaN
+    column (failure ``"nonfinite"``), never zeros; a non-finite training
+    gradient gives a NaN row.
       axis_name: inside ``jax.shard_map``, the axis over which ``args`` (the
         Hessian batch) is sharded; curvature products are ``pmean`` ed over
         it. The training and test examples stay this device's own: the
@@ -365,6 +409,7 @@ def influence_scores(loss_fn: Callable, params, example_loss_fn: Callable, train
                            train_chunk_size, caller=fn, arg="train_examples")
     if throw:
         check_solution(fn, adj.solution)
+    _warn_failures(fn, adj.solution)
     if not return_info:
         return scores
     return Scores(scores, adj.solution, adj.damping)
@@ -373,14 +418,17 @@ def influence_scores(loss_fn: Callable, params, example_loss_fn: Callable, train
 def self_influence(loss_fn: Callable, params, example_loss_fn: Callable, examples, *args,
                    mask=None, method: str = "if", solver="auto", damping=0.0,
                    chunk_size: int | None = None, example_chunk_size: int = 16,
-                   curvature="hessian", axis_name: str | None = None, throw: bool = False):
+                   curvature="hessian", axis_name: str | None = None, throw: bool = False,
+                   return_info: bool = False):
     """Self-influence I[i, i] = −∇ℓ(z_i)ᵀ Δ(∇ℓ(z_i)) for each example, shape [n].
 
     One solve per example (unavoidable), sharing one solver set-up. With the
     upweighting sign I[i, i] ≤ 0 for positive-definite H; −I[i, i] =
     ∇ℓᵀH⁻¹∇ℓ (for IF) is large for atypical or mislabelled points — rank by
     it. Arguments as in :func:`influence_scores` (with ``axis_name``,
-    ``examples`` are this device's own).
+    ``examples`` are this device's own); ``return_info=True`` returns
+    :class:`Scores` (``scores`` = the [n] values) with the per-example
+    solver diagnostics.
     """
     fn = "self_influence"
     s = setup(loss_fn, params, *args, mask=mask, method=method, solver=solver, damping=damping,
@@ -389,10 +437,11 @@ def self_influence(loss_fn: Callable, params, example_loss_fn: Callable, example
 
     def chunk(batch):
         G = jax.vmap(grad_fn, in_axes=(None, 0))(params, batch)
-        sol = s.solve_many(G)
+        sol = _solve_visibly(s, G)
         return -jax.vmap(_tree.vdot)(sol.value, G), sol
 
     values, sols = map_in_chunks(chunk, examples, example_chunk_size, caller=fn, arg="examples")
     if throw:
         check_solution(fn, sols)
-    return values
+    _warn_failures(fn, sols)
+    return Scores(values, sols, s.damping) if return_info else values

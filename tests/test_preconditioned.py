@@ -242,3 +242,49 @@ def test_block_scores_are_differentiable(x64):
     lam, h = problem.damping, 1e-5
     fd = (f(lam + h) - f(lam - h)) / (2 * h)
     assert abs(float(jax.grad(f)(lam)) - float(fd)) < 1e-6 * max(1.0, abs(float(fd)))
+
+
+# ----------------------------------------------------------------------------- failures are visible
+
+
+def _score_args(problem, test_x):
+    return (problem.loss, problem.params, problem.example_loss, (problem.x[:6], problem.y[:6]),
+            (test_x, problem.y[:4]), problem.x, problem.y)
+
+
+def test_a_bad_test_example_gives_a_nan_column_and_a_warning_never_zeros(x64):
+    problem = make_problem("mlp", x64)
+    clean = gifjax.influence_scores(*_score_args(problem, problem.x[:4]), damping=problem.damping)
+    bad_x = problem.x[:4].at[2, 0].set(jnp.nan)
+    with pytest.warns(RuntimeWarning, match=r"influence_scores: 1 of 4 solves did not converge \(nonfinite: 1\)"):
+        out = gifjax.influence_scores(*_score_args(problem, bad_x), damping=problem.damping, return_info=True)
+    scores = np.asarray(out.scores)
+    assert np.all(np.isnan(scores[:, 2]))
+    np.testing.assert_allclose(np.delete(scores, 2, axis=1), np.delete(np.asarray(clean), 2, axis=1), rtol=1e-8)
+    assert out.solution.failure_names()[2] == "nonfinite" and not bool(out.solution.converged[2])
+    # a bad training example: a NaN row
+    train_x = problem.x[:6].at[1, 0].set(jnp.inf)
+    args = list(_score_args(problem, problem.x[:4]))
+    args[3] = (train_x, problem.y[:6])
+    rows = np.asarray(gifjax.influence_scores(*args, damping=problem.damping))
+    assert np.all(np.isnan(rows[1])) and np.all(np.isfinite(np.delete(rows, 1, axis=0)))
+
+
+def test_failed_solves_warn_and_self_influence_returns_diagnostics(x64):
+    problem = make_problem("mlp", x64)
+    ex = (problem.x[:5], problem.y[:5])
+    with pytest.warns(RuntimeWarning, match=r"self_influence: 5 of 5 solves did not converge \(max_steps: 5\)"):
+        out = gifjax.self_influence(problem.loss, problem.params, problem.example_loss, ex, problem.x, problem.y,
+                                    solver=solvers.CG(max_steps=2), damping=problem.damping, return_info=True)
+    assert out.scores.shape == (5,) and out.solution.failure_names() == ["max_steps"] * 5
+    with pytest.raises(RuntimeError, match="did not converge"):
+        gifjax.self_influence(problem.loss, problem.params, problem.example_loss, ex, problem.x, problem.y,
+                              solver=solvers.CG(max_steps=2), damping=problem.damping, throw=True)
+    # inside jit: no warning, the diagnostics travel in the result
+    jitted = jax.jit(lambda p: gifjax.self_influence(problem.loss, p, problem.example_loss, ex, problem.x,
+                                                     problem.y, solver=solvers.CG(max_steps=2),
+                                                     damping=problem.damping, return_info=True))
+    import warnings as _w
+    with _w.catch_warnings():
+        _w.simplefilter("error")
+        assert not bool(jnp.any(jitted(problem.params).solution.converged))
