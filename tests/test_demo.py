@@ -26,8 +26,8 @@ def test_demo_fast_mode_runs_end_to_end_and_writes_the_plot(tmp_path):
     assert re.search(r"self-acc\s+test-acc\s+F1\s+step\s+time s\s+HVPs", text)
     for name in ("original", "retrained"):
         assert re.search(rf"^{name}{NUMBER}{NUMBER}{NUMBER}", text, re.M), text
-    for name in ("IF", "PIF", "FIF", "GIF"):  # self, test, F1, step, time, HVPs = 1 + 2·10
-        assert re.search(rf"^{name}{NUMBER}{NUMBER}{NUMBER}\s+\S+\s+[0-9.]+\s+21$", text, re.M), text
+    for name in ("IF", "PIF", "FIF", "GIF"):  # self, test, F1, step, time, HVPs = 1 + 2·10 + 2 (true-residual check)
+        assert re.search(rf"^{name}{NUMBER}{NUMBER}{NUMBER}\s+\S+\s+[0-9.]+\s+23$", text, re.M), text
     assert re.search(r"best estimator here: (IF|PIF|FIF|GIF) \(test F1 [0-9.]+; retrained", text)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "running GIF" in out.stderr  # progress goes to stderr, the table to stdout
