@@ -62,6 +62,17 @@ def all_finite(x):
     return functools.reduce(jnp.logical_and, leaves, jnp.array(True))
 
 
+def rows_finite(tree):
+    """[n] bool: every entry of row i (leading axis) of every inexact leaf is finite."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    n = leaves[0].shape[0]
+    ok = jnp.ones((n,), bool)
+    for a in leaves:
+        if jnp.issubdtype(a.dtype, jnp.inexact):
+            ok = ok & jnp.all(jnp.isfinite(a.reshape(n, -1)), axis=1)
+    return ok
+
+
 def _result_dtype(x):
     leaves = jax.tree_util.tree_leaves(x)
     return jnp.result_type(*leaves) if leaves else jnp.float32

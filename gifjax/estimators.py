@@ -294,20 +294,17 @@ def adjoint_solves(loss_fn: Callable, params, example_loss_fn: Callable, test_ex
     return Adjoints(sols, s.damping)
 
 
-def _rows_finite(tree):
-    leaves = jax.tree_util.tree_leaves(tree)
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a.reshape(a.shape[0], -1)), axis=1) for a in leaves]), axis=0)
-
-
 def _solve_visibly(s: Setup, G) -> Solution:
     """``s.solve_many(G)``, with a NaN answer (never the solvers' zeros) for a non-finite query.
 
     A test example whose gradient is NaN/Inf would otherwise get the zero
-    vector a solver returns for a non-finite right-hand side — a plausible
-    column of zero scores. Its failure code is ``"nonfinite"``.
+    vector a solver returns for a non-finite right-hand side (or after a
+    non-finite step) — a plausible column of zero scores. Its failure code
+    is ``"nonfinite"``.
     """
     sol = s.solve_many(G)
-    ok = _rows_finite(G) & _rows_finite(sol.value)
+    ok = (_tree.rows_finite(G) & _tree.rows_finite(sol.value)
+          & (sol.failure != FAILURES.index("nonfinite")))
     nan = lambda a: jnp.where(ok.reshape((-1,) + (1,) * (a.ndim - 1)), a, jnp.nan)
     return sol._replace(value=tree_map(nan, sol.value), converged=sol.converged & ok,
                         failure=jnp.where(ok, sol.failure, jnp.int32(FAILURES.index("nonfinite"))))

@@ -350,7 +350,7 @@ def _floor(rhs_norm):
     return PRECISION_FLOOR * jnp.finfo(rhs_norm.dtype).eps * rhs_norm
 
 
-def _default_steps(max_steps, b):
+def _default_steps(max_steps):
     """``max_steps``, or :data:`DEFAULT_MAX_STEPS` when it is ``None``."""
     return DEFAULT_MAX_STEPS if max_steps is None else max_steps
 
@@ -481,7 +481,10 @@ def dense(matvec, b, *, rmatvec=None, form="symmetric", rcond=None) -> Solution:
 
 
 class _Krylov(Solver):
-    """Shared by CG and MINRES: the preconditioner built in ``init``, refinement on the true residual.
+    """Shared by CG, MINRES, LSMR, LSTSQ and BlockCG.
+
+    The preconditioner is built in ``init``; answers are refined and certified
+    on the true residual.
 
     A subclass provides ``_inner(A, Minv, r, tol, steps) → (dx, steps, matvecs,
     failure)`` for a symmetric A; the normal forms run it on FᵀF with the
@@ -507,7 +510,7 @@ class _Krylov(Solver):
         tol = _tolerance(self.rtol, self.atol, _tree.norm(b), normal=normal)
         inner = lambda r, tol, steps: self._inner(A, Minv, r, tol, steps, **inner_options)
         residual = lambda x: (_tree.sub(b, A(x)), 1)
-        return _refined(inner, residual, b, tol, _default_steps(self.max_steps, b), self.restarts)
+        return _refined(inner, residual, b, tol, _default_steps(self.max_steps), self.restarts)
 
 
 @_tree.pytree_dataclass(static=("max_steps", "restarts"))
@@ -640,8 +643,20 @@ class MINRES(_Krylov):
         return out[2], out[0], out[0], out[1]
 
 
+class _NormalEquations:
+    """For solvers that only solve normal systems: a symmetric A gets min ‖A x − b‖ via A² x = A b."""
+
+    def setup(self, operator, form):
+        return super().setup(operator, "least_squares" if form == "symmetric" else form)
+
+    def solve_symmetric(self, state, b):
+        A = state.operator
+        sol = self.solve_normal(SolverState(A, "least_squares", state.data), A(b))
+        return sol._replace(num_matvecs=sol.num_matvecs + 1)
+
+
 @_tree.pytree_dataclass(static=("max_steps", "restarts"))
-class LSMR(MINRES):
+class LSMR(_NormalEquations, MINRES):
     r"""LSMR: MINRES on the normal equations, for least squares and minimum norm.
 
     The answer is A⁺ b for all three forms: GIF's update min ‖H P x − g‖ and
@@ -653,14 +668,6 @@ class LSMR(MINRES):
     is built from FᵀF). Two matvecs per step.
     """
 
-    def solve_symmetric(self, state, b):
-        A = state.operator
-        sol = self.solve_normal(SolverState(A, "least_squares", state.data), A(b))
-        return sol._replace(num_matvecs=sol.num_matvecs + 1)
-
-    def setup(self, operator, form):
-        return super().setup(operator, "least_squares" if form == "symmetric" else form)
-
 
 def minres(matvec, b, *, rmatvec=None, form="symmetric", rtol=None, atol=0.0, max_steps=None):
     """Functional form of :class:`MINRES`."""
@@ -671,10 +678,15 @@ def minres(matvec, b, *, rmatvec=None, form="symmetric", rtol=None, atol=0.0, ma
 
 
 def _rows(B):
-    """A batch of pytrees (leading axis Q) as flat rows [Q, n], with the way back."""
-    first = jax.tree_util.tree_map(lambda a: a[0], B)
-    unravel = jax.flatten_util.ravel_pytree(first)[1]
-    return jax.vmap(lambda t: jax.flatten_util.ravel_pytree(t)[0])(B), jax.vmap(unravel)
+    """A batch of pytrees (leading axis Q) as flat rows [Q, n], and ``unravel`` for one row."""
+    unravel = jax.flatten_util.ravel_pytree(jax.tree_util.tree_map(lambda a: a[0], B))[1]
+    return jax.vmap(lambda t: jax.flatten_util.ravel_pytree(t)[0])(B), unravel
+
+
+def _as_batch_of_one(fn, b):
+    """``fn`` of a batch, applied to the single right-hand side ``b``."""
+    one = fn(jax.tree_util.tree_map(lambda a: a[None], b))
+    return jax.tree_util.tree_map(lambda a: a[0], one)
 
 
 def _row_norms(R):
@@ -729,16 +741,14 @@ class BlockCG(_Krylov):
     restarts: int = 2
 
     def compute(self, state, b, *, throw: bool = False):
-        sol = jax.tree_util.tree_map(lambda a: a[0], self.compute_many(state, jax.tree_util.tree_map(
-            lambda a: a[None], b)))
+        sol = _as_batch_of_one(lambda B: self.compute_many(state, B), b)
         return check_solution(f"solvers.{type(self).__name__}", sol) if throw else sol
 
     def compute_many(self, state, B):
         return _differentiable_solve(self, state, B, many=True)
 
     def solve_symmetric(self, state, b):
-        return jax.tree_util.tree_map(lambda a: a[0], self.solve_symmetric_many(
-            state, jax.tree_util.tree_map(lambda a: a[None], b)))
+        return _as_batch_of_one(lambda B: self.solve_symmetric_many(state, B), b)
 
     def solve_symmetric_many(self, state, B):
         return self._block(state.operator, state.data, B, normal=False)
@@ -747,21 +757,18 @@ class BlockCG(_Krylov):
         return self._block(normal_operator(state.factor), state.data, C, normal=True)
 
     def _block(self, A, Minv, B, *, normal):
-        rows, unrows = _rows(B)
-        unravel = jax.flatten_util.ravel_pytree(jax.tree_util.tree_map(lambda a: a[0], B))[1]
+        rows, unravel = _rows(B)
         flat = lambda f: jax.vmap(lambda r: jax.flatten_util.ravel_pytree(f(unravel(r)))[0])
         A_rows = flat(A.matvec)
         M_rows = None if Minv is None else flat(Minv)
         bnorm = _row_norms(rows)
         tol = _tolerance(self.rtol, self.atol, bnorm, normal=normal)
-        max_steps = _default_steps(self.max_steps, None)
+        max_steps = _default_steps(self.max_steps)
         x, steps, matvecs, residual, met, fail = _block_cg_refined(A_rows, M_rows, rows, tol, max_steps,
                                                                    self.restarts)
-        bad_tol = (fail == NONE) & ~met & (tol < _floor(bnorm))
-        fail = jnp.where(bad_tol, PRECISION, fail)
         matvecs = jnp.broadcast_to((2 if normal else 1) * matvecs, steps.shape)
         sols = jax.vmap(finish)(x, steps, matvecs, residual, met, fail)
-        return sols._replace(value=unrows(sols.value))
+        return sols._replace(value=jax.vmap(unravel)(sols.value))
 
 
 def _block_cg_refined(A, Minv, B, tol, max_steps, restarts):
@@ -797,7 +804,7 @@ def _block_cg_refined(A, Minv, B, tol, max_steps, restarts):
     init = (jnp.int32(0), jnp.zeros_like(B), B, _row_norms(B), zero, jnp.int32(0), zero + NONE)
     rounds, x, _, rnorm, steps, k, fail = jax.lax.while_loop(cond, body, init)
     met = rnorm <= tol
-    stalled = (fail == NONE) & ~met & (rounds > restarts)
+    stalled = (fail == NONE) & ~met & ((rounds > restarts) | (tol < _floor(_row_norms(B))))
     return x, steps, k + rounds, rnorm, met, jnp.where(stalled, PRECISION, fail)
 
 
@@ -864,7 +871,7 @@ def _block_cg(A, Minv, B, tol, max_steps):
 
 
 @_tree.pytree_dataclass(static=("max_steps", "restarts"))
-class LSTSQ(CG):
+class LSTSQ(_NormalEquations, CG):
     """Least-squares Krylov solver: (preconditioned) CGLS for min ‖Ax − b‖, Craig for min-norm.
 
     Both run on the normal system FᵀF x = c (module docstring) with F and Fᵀ
@@ -885,14 +892,6 @@ class LSTSQ(CG):
     as met: past that floor the recurrences lose orthogonality and, on
     singular systems like GIF's H P, the iterate diverges instead of stalling.
     """
-
-    def setup(self, operator, form):
-        return super().setup(operator, "least_squares" if form == "symmetric" else form)
-
-    def solve_symmetric(self, state, b):
-        A = state.operator
-        sol = self.solve_normal(SolverState(A, "least_squares", state.data), A(b))
-        return sol._replace(num_matvecs=sol.num_matvecs + 1)
 
     def solve_normal(self, state, c):
         F = state.factor
