@@ -61,7 +61,6 @@ top level (``gifjax.influence`` is the function).
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -72,7 +71,7 @@ from . import _checks, _tree
 from . import curvature as _curv
 from ._chunks import map_in_chunks
 from .operators import METHODS, Estimator, Problem, curvature_spec
-from .solvers import FAILURES, Solution, Solver, SolverState, check_solution, get_solver
+from .solvers import FAILURES, Solution, Solver, SolverState, check_solution, get_solver, warn_failures
 
 __all__ = ["Adjoints", "Influence", "METHODS", "Scores", "Setup", "adjoint_solve", "adjoint_solves",
            "influence", "influence_scores", "removal_gradient", "self_influence", "setup"]
@@ -248,6 +247,7 @@ def influence(loss_fn: Callable, params, g, *args, mask=None, method: str = "gif
     out = Influence(s.problem.post(sol.value), sol, s.damping)
     if throw:
         check_solution(fn, sol)
+    warn_failures(fn, sol)
     return out
 
 
@@ -266,7 +266,10 @@ def adjoint_solve(loss_fn: Callable, params, test_grad, *args, mask=None, method
     sol = setup(loss_fn, params, *args, mask=mask, method=method, solver=solver, damping=damping,
                 chunk_size=chunk_size, curvature=curvature, axis_name=axis_name, adjoint=True,
                 fn=fn).solve(test_grad)
-    return check_solution(fn, sol) if throw else sol
+    if throw:
+        check_solution(fn, sol)
+    warn_failures(fn, sol)
+    return sol
 
 
 class Adjoints(NamedTuple):
@@ -308,22 +311,6 @@ def _solve_visibly(s: Setup, G) -> Solution:
     nan = lambda a: jnp.where(ok.reshape((-1,) + (1,) * (a.ndim - 1)), a, jnp.nan)
     return sol._replace(value=tree_map(nan, sol.value), converged=sol.converged & ok,
                         failure=jnp.where(ok, sol.failure, jnp.int32(FAILURES.index("nonfinite"))))
-
-
-def _warn_failures(fn: str, sol: Solution) -> None:
-    """One ``RuntimeWarning`` naming how many solves failed and why (outside ``jit`` only)."""
-    if not all(_checks.is_concrete(x) for x in (sol.converged, sol.failure)):
-        return
-    bad = ~np.asarray(sol.converged).ravel()
-    if not bad.any():
-        return
-    codes = np.asarray(sol.failure).ravel()[bad]
-    why = ", ".join(f"{FAILURES[c]}: {int((codes == c).sum())}" for c in sorted(set(codes.tolist())))
-    warnings.warn(f"gifjax.{fn}: {int(bad.sum())} of {bad.size} solves did not converge ({why}); their "
-                  "values are not to be trusted. Fix: add damping (or gifjax.AutoDamping), use "
-                  "solver='minres' / 'lsmr' or curvature=gifjax.GGN(...) for indefinite curvature, raise "
-                  "max_steps, or check NaN/Inf examples; return_info=True gives per-query diagnostics, "
-                  "throw=True raises.", RuntimeWarning, stacklevel=3)
 
 
 def contract(grads, adjoints):
@@ -406,7 +393,7 @@ def influence_scores(loss_fn: Callable, params, example_loss_fn: Callable, train
                            train_chunk_size, caller=fn, arg="train_examples")
     if throw:
         check_solution(fn, adj.solution)
-    _warn_failures(fn, adj.solution)
+    warn_failures(fn, adj.solution)
     if not return_info:
         return scores
     return Scores(scores, adj.solution, adj.damping)
@@ -440,5 +427,5 @@ def self_influence(loss_fn: Callable, params, example_loss_fn: Callable, example
     values, sols = map_in_chunks(chunk, examples, example_chunk_size, caller=fn, arg="examples")
     if throw:
         check_solution(fn, sols)
-    _warn_failures(fn, sols)
+    warn_failures(fn, sols)
     return Scores(values, sols, s.damping) if return_info else values

@@ -82,7 +82,8 @@ from . import masks as _masks
 from . import _krylov
 from .estimators import adjoint_solve, influence
 from .operators import Estimator, curvature_spec
-from .solvers import LSTSQ, NONE, Solution, Solver, SolverState, finish as _finish, prepared
+from .solvers import (APPROXIMATE, LSTSQ, NONE, Solution, Solver, SolverState, default_rtol,
+                      finish as _finish, prepared)
 
 __all__ = ["Approximation", "Factors", "LowRank", "OPERATORS", "approximation_error", "bidiagonalize", "combine", "factorize", "lanczos", "load", "project", "save"]
 
@@ -196,7 +197,10 @@ class LowRank(Solver):
     subspace (‖b − Y Yᵀ b‖, or ‖c − V Vᵀ c‖ for the normal forms) — the
     residual of the *factorised* problem, not of the true operator (that
     needs an HVP; :func:`approximation_error` measures it against an exact
-    solve); ``converged`` = the answer is finite. Derivatives use the true
+    solve); ``converged`` only when the right-hand side lies in that
+    subspace (‖outside‖ ≤ rtol·‖b‖, rtol by dtype as in
+    :data:`gifjax.solvers.DEFAULT_RTOL`) — otherwise failure
+    ``"approximate"``: a truncation is an approximation, not a converged solve. Derivatives use the true
     operator with the factorised inverse (``gifjax.solvers``).
 
     Warning:
@@ -275,7 +279,7 @@ class LowRank(Solver):
         outside = _tree.sub(b, combine(f.left, c))
         if self.complement is not None:
             x = _tree.axpy(self.complement, outside, x)
-        return _finish(x, 0, 0, _tree.norm(outside), jnp.array(True), NONE)
+        return _captured(x, outside, b)
 
     def solve_normal(self, state, c):
         f = state.data
@@ -284,7 +288,7 @@ class LowRank(Solver):
         coef = jnp.where(used, project(f.right_vectors, c), 0)
         x = combine(f.right_vectors, _inverse(f.values, used) ** 2 * coef)
         outside = _tree.sub(c, combine(f.right_vectors, coef))
-        return _finish(x, 0, 0, _tree.norm(outside), jnp.array(True), NONE)
+        return _captured(x, outside, c)
 
     def factor_hints(self, state):
         if state.form == "symmetric":
@@ -327,6 +331,17 @@ def _check_steps(fn, rank, num_steps, dim):
         raise _checks.error(fn, "rank", rank, f"at most num_steps = {num_steps}",
                             "keep rank <= num_steps (more steps than kept pairs improve accuracy).")
     return rank, num_steps
+
+
+def _captured(x, outside, b) -> Solution:
+    """A low-rank answer is converged only if b lies in the factors' subspace (to the dtype's rtol).
+
+    Otherwise the answer is a truncation whose error no HVP has checked:
+    failure ``"approximate"``, never ``converged`` (see :func:`approximation_error`).
+    """
+    rnorm, bnorm = _tree.norm(outside), _tree.norm(b)
+    met = rnorm <= default_rtol(rnorm.dtype) * bnorm
+    return _finish(x, 0, 0, rnorm, met, jnp.where(met, NONE, APPROXIMATE))
 
 
 def _check_rtol(fn, rtol):

@@ -164,10 +164,8 @@ def _sharded(job: _Job, params, dynamic, queries, train, args):
     if job.kind == "scores":
         def body(params, dynamic, queries, train, args):
             return _core.influence_scores(job.loss_fn, params, job.example_loss_fn, train, queries,
-                                          *args, axis_name=d, **dynamic, **opts)
-        out_specs = P(d, q)
-        if opts["return_info"]:
-            out_specs = _core.Scores(P(d, q), P(q), P())
+                                          *args, axis_name=d, return_info=True, **dynamic, **opts)
+        out_specs = _core.Scores(P(d, q), P(q), P())
     elif job.kind == "adjoint":
         chunk = opts.pop("test_chunk_size")
 
@@ -180,8 +178,8 @@ def _sharded(job: _Job, params, dynamic, queries, train, args):
     elif job.kind == "self":
         def body(params, dynamic, queries, train, args):
             return _core.self_influence(job.loss_fn, params, job.example_loss_fn, queries, *args,
-                                        axis_name=d, **dynamic, **opts)
-        out_specs = P(q)
+                                        axis_name=d, return_info=True, **dynamic, **opts)
+        out_specs = _core.Scores(P(q), P(q), P())
     else:
         def body(params, dynamic, queries, train, args):
             rest = {k: v for k, v in dynamic.items() if k != "g"}
@@ -198,14 +196,13 @@ def _sharded(job: _Job, params, dynamic, queries, train, args):
     layout = lambda x, spec: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
     if job.kind == "influence":
         return out
-    if job.kind in ("adjoint", "self"):
-        return tree_map(lambda a: layout(a[:n_q], P(even(q, n_q))), out)
-    scores = out.scores if opts["return_info"] else out
-    scores = layout(scores[:n_t, :n_q], P(even(d, n_t), even(q, n_q)))
-    if not opts["return_info"]:
-        return scores
-    sols = tree_map(lambda a: layout(a[:n_q], P(even(q, n_q))), out.solution)
-    return _core.Scores(scores, sols, out.damping)
+    per_query = lambda tree: tree_map(lambda a: layout(a[:n_q], P(even(q, n_q))), tree)
+    if job.kind == "adjoint":
+        return per_query(out)
+    if job.kind == "self":
+        return _core.Scores(per_query(out.scores), per_query(out.solution), out.damping)
+    scores = layout(out.scores[:n_t, :n_q], P(even(d, n_t), even(q, n_q)))
+    return _core.Scores(scores, per_query(out.solution), out.damping)
 
 
 def _run(fn, kind, loss_fn, params, args, *, mesh, query_axis, data_axis, method, mask, solver,
@@ -252,9 +249,13 @@ def _run(fn, kind, loss_fn, params, args, *, mesh, query_axis, data_axis, method
     dynamic = dict(mask=mask, solver=solver, damping=damping)
     if g is not None:
         dynamic["g"] = g
+    return_info = options.pop("return_info", False)
     job = _Job(kind, mesh, query_axis, data_axis, loss_fn, example_loss_fn,
                tuple(sorted(dict(method=method, **options).items())))
-    return _sharded(job, params, dynamic, queries, train, tuple(args))
+    out = _sharded(job, params, dynamic, queries, train, tuple(args))
+    sol = out if kind == "adjoint" else out.solution
+    _solvers.warn_failures(fn, sol)  # outside jit only; inside, the diagnostics travel in the result
+    return out.scores if kind in ("scores", "self") and not return_info else out
 
 
 # ----------------------------------------------------------------------------- public functions
@@ -331,7 +332,7 @@ def adjoint_solve(loss_fn: Callable, params, test_grads, *args, mesh: Mesh,
 def self_influence(loss_fn: Callable, params, example_loss_fn: Callable, examples, *args, mesh: Mesh,
                    query_axis: str | None = "queries", data_axis: str | None = None, mask=None,
                    method: str = "if", solver="auto", damping=0.0, chunk_size: int | None = None,
-                   example_chunk_size: int = 16, curvature="hessian"):
+                   example_chunk_size: int = 16, curvature="hessian", return_info: bool = False):
     """Sharded :func:`gifjax.self_influence`: I[i, i] = −∇ℓ(z_i)ᵀ Δ(∇ℓ(z_i)), shape [n].
 
     One solve per example (e.g. a mislabel sweep over the whole training
@@ -339,13 +340,15 @@ def self_influence(loss_fn: Callable, params, example_loss_fn: Callable, example
     share in vmapped chunks of ``example_chunk_size``; with ``data_axis``
     the Hessian batch ``*args`` is split too (products reduced as in
     :func:`influence_scores`). Returns [n] sharded ``P(query_axis)`` when n is
-    a multiple of the axis size (replicated otherwise).
+    a multiple of the axis size (replicated otherwise); ``return_info=True``
+    returns :class:`gifjax.Scores` with the per-example diagnostics. Failed
+    solves warn once, outside ``jit``.
     """
     return _run("parallel.self_influence", "self", loss_fn, params, args, mesh=mesh,
                 query_axis=query_axis, data_axis=data_axis, method=method, mask=mask,
                 solver=solver, damping=damping, queries=examples, queries_arg="examples",
                 example_loss_fn=example_loss_fn, chunk_size=chunk_size,
-                example_chunk_size=example_chunk_size, curvature=curvature)
+                example_chunk_size=example_chunk_size, curvature=curvature, return_info=return_info)
 
 
 def influence(loss_fn: Callable, params, g, *args, mesh: Mesh, data_axis: str = "data", mask=None,

@@ -68,6 +68,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -80,10 +81,10 @@ from ._conv_layout import canonicalize_convolutions
 from .operators import FORMS, LinearOperator
 from .preconditioners import get_preconditioner
 
-__all__ = ["BlockCG", "CG", "DEFAULT_MAX_STEPS", "DEFAULT_RTOL", "Dense", "FAILURES", "FORMS", "LSMR", "LSTSQ",
-           "LiSSA", "LinearOperator", "MINRES", "Richardson", "SOLVERS", "Solution", "Solver", "SolverState",
+__all__ = ["BlockCG", "CG", "DEFAULT_MAX_STEPS", "DEFAULT_RTOL", "Dense", "FAILURES", "FORMS", "HINTS", "LSMR",
+           "LSTSQ", "LiSSA", "LinearOperator", "MINRES", "Richardson", "SOLVERS", "Solution", "Solver", "SolverState",
            "cg", "default_rtol", "dense", "get_solver", "lissa", "lstsq", "minres", "power_iteration",
-           "richardson"]
+           "richardson", "warn_failures"]
 
 #: Names of the ``Solution.failure`` codes, indexed by code.
 FAILURES = (
@@ -94,9 +95,11 @@ FAILURES = (
     "nonfinite",     # 4: a NaN/Inf appeared; the last finite iterate is returned
     "breakdown",     # 5: a Krylov recurrence divided by zero (singular/inconsistent)
     "precision",     # 6: the tolerance is below what the working precision reached
+    "approximate",   # 7: a low-rank answer whose right-hand side left the factors' subspace
 )
 # int32 scalars so loop carries keep one dtype with and without jax_enable_x64
-NONE, MAX_STEPS, INDEFINITE, DIVERGED, NONFINITE, BREAKDOWN, PRECISION = map(np.int32, range(len(FAILURES)))
+(NONE, MAX_STEPS, INDEFINITE, DIVERGED, NONFINITE, BREAKDOWN, PRECISION,
+ APPROXIMATE) = map(np.int32, range(len(FAILURES)))
 
 _TRANSPOSED_FORM = {"symmetric": "symmetric", "least_squares": "min_norm", "min_norm": "least_squares"}
 
@@ -312,6 +315,34 @@ def check_solution(fn: str, sol: Solution) -> Solution:
                            f"residual norm {np.max(np.asarray(sol.residual_norm))!r}). Fix: raise max_steps, "
                            "add damping, or pick another solver (see 'How to choose a solver' in the README).")
     return sol
+
+
+#: What to do about each failure cause (:func:`warn_failures` names those that occurred).
+HINTS = {
+    "max_steps": "raise max_steps or use a preconditioner (gifjax.preconditioners)",
+    "indefinite": "add damping (gifjax.AutoDamping), use solver='minres' / 'lsmr', or curvature=gifjax.GGN(...)",
+    "diverged": "raise LiSSA's scale (or scale=None) or add damping",
+    "nonfinite": "check those examples and the parameters for NaN/Inf",
+    "breakdown": "add damping, or use solver='lsmr' for a singular system",
+    "precision": "loosen rtol (see solvers.DEFAULT_RTOL) or compute in float64",
+    "approximate": "raise the rank, or measure lowrank.approximation_error on a few queries",
+}
+
+
+def warn_failures(fn: str, sol: Solution) -> None:
+    """One ``RuntimeWarning`` naming how many solves failed, why, and what to do (outside ``jit`` only)."""
+    if not all(_checks.is_concrete(x) for x in (sol.converged, sol.failure)):
+        return
+    bad = ~np.asarray(sol.converged).ravel()
+    if not bad.any():
+        return
+    codes = np.asarray(sol.failure).ravel()[bad]
+    names = [FAILURES[c] for c in sorted(set(codes.tolist()))]
+    why = ", ".join(f"{name}: {int((codes == FAILURES.index(name)).sum())}" for name in names)
+    fix = "; ".join(HINTS[name] for name in names if name in HINTS)
+    warnings.warn(f"gifjax.{fn}: {int(bad.sum())} of {bad.size} solves did not converge ({why}); their "
+                  f"values are not to be trusted. Fix: {fix}. return_info=True gives per-query diagnostics, "
+                  "throw=True raises.", RuntimeWarning, stacklevel=3)
 
 
 # Krylov recurrences cannot resolve residuals below ~eps·‖rhs‖; iterating past that

@@ -225,4 +225,6 @@ def negative_rate(loss_fn: Callable, params, *args, k: int, mask=None, curvature
     """
     spec = eigenvalues(loss_fn, params, *args, k=k, which="magnitude", eigensolver=eigensolver, mask=mask,
                        curvature=curvature, num_steps=num_steps, key=key, chunk_size=chunk_size)
-    return NegativeRate(jnp.mean(spec.values < 0), spec.values, spec.residuals)
+    # NaN curvature (e.g. NaN parameters) must not read as "no negative eigenvalues"
+    rate = jnp.where(jnp.all(jnp.isfinite(spec.values)), jnp.mean(spec.values < 0), jnp.nan)
+    return NegativeRate(rate, spec.values, spec.residuals)

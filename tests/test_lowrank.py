@@ -164,7 +164,9 @@ def test_solution_diagnostics_spend_no_hvp(x64):
     problem, mask = setup()
     f = factors("fif", rank=K)
     out = run("fif", LowRank(f), removal_grad(problem))
-    assert int(out.num_hvps) == 0 and int(out.num_steps) == 0 and bool(out.converged)
+    assert int(out.num_hvps) == 0 and int(out.num_steps) == 0
+    # a rank-K truncation whose rhs leaves the factors' subspace is an approximation, not converged
+    assert not bool(out.converged) and out.solution.failure_names() == "approximate"
     # residual_norm: the part of the (masked) rhs outside the used subspace
     b = np.asarray(problem.flat(masks.apply(mask, removal_grad(problem))))
     Y = np.asarray(jax.vmap(problem.flat)(f.left))
@@ -266,3 +268,18 @@ def test_input_errors(x64):
     generic = lowrank.lanczos(lambda v: v, problem.params, num_steps=3)
     with pytest.raises(ValueError, match=r"gifjax\.influence: bad `solver`: got LowRank factors without a method"):
         run("if", LowRank(generic), g)
+
+
+def test_converged_only_when_the_rhs_lies_in_the_factors_subspace(x64):
+    """Full-Krylov-space factors answer exactly (converged); a rank-1 truncation, or factors built
+    for another mask, leave most of the rhs outside: failure "approximate", never converged."""
+    problem, mask = setup()
+    g = removal_grad(problem)
+    full = run("fif", LowRank(factors("fif")), g)
+    assert bool(full.converged), full.solution.failure_names()
+    rank1 = run("fif", LowRank(factors("fif", rank=1)), g)
+    assert not bool(rank1.converged) and rank1.solution.failure_names() == "approximate"
+    other = masks.random_mask(jax.random.key(99), problem.params, fraction=0.4)
+    wrong = gifjax.influence(problem.loss, problem.params, g, problem.x, problem.y, mask=other, method="fif",
+                             solver=LowRank(factors("fif")))
+    assert not bool(wrong.converged) and wrong.solution.failure_names() == "approximate"

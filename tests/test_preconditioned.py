@@ -287,3 +287,18 @@ def test_failed_solves_warn_and_self_influence_returns_diagnostics(x64):
     with _w.catch_warnings():
         _w.simplefilter("error")
         assert not bool(jnp.any(jitted(problem.params).solution.converged))
+
+
+def test_parallel_functions_warn_and_return_diagnostics(x64):
+    problem = make_problem("mlp", x64)
+    mesh = gifjax.parallel.make_mesh(queries=1)
+    ex = (problem.x[:4], problem.y[:4])
+    kw = dict(mesh=mesh, solver=solvers.CG(max_steps=2), damping=problem.damping)
+    with pytest.warns(RuntimeWarning, match=r"parallel\.self_influence: 4 of 4 solves did not converge \(max_steps: 4\)"):
+        out = gifjax.parallel.self_influence(problem.loss, problem.params, problem.example_loss, ex, problem.x,
+                                             problem.y, return_info=True, **kw)
+    assert out.scores.shape == (4,) and out.solution.failure_names() == ["max_steps"] * 4
+    with pytest.warns(RuntimeWarning, match=r"parallel\.influence_scores: 4 of 4 solves did not converge"):
+        scores = gifjax.parallel.influence_scores(problem.loss, problem.params, problem.example_loss, ex, ex,
+                                                  problem.x, problem.y, **kw)
+    assert scores.shape == (4, 4)

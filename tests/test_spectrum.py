@@ -115,3 +115,10 @@ def test_input_errors(x64):
         eig(k=2, mask=mask, num_steps=40)
     with pytest.raises(ValueError, match=r"gifjax\.spectrum\.eigenvalues: bad `curvature`: got 'fisher'"):
         eig(k=2, curvature="fisher")
+
+
+def test_negative_rate_of_nan_parameters_is_nan_not_zero(x64):
+    problem = make_problem("mlp", x64)
+    bad = jax.tree_util.tree_map(lambda a: a.at[(0,) * a.ndim].set(jnp.nan), problem.params)
+    out = spectrum.negative_rate(problem.loss, bad, problem.x, problem.y, k=3)
+    assert np.isnan(float(out.rate))
