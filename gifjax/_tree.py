@@ -26,8 +26,17 @@ def vdot(x, y):
 
 
 def norm(x):
-    """Euclidean norm of the flattened pytree."""
-    return jnp.sqrt(vdot(x, x))
+    """Euclidean norm of the flattened pytree, without overflow or underflow.
+
+    ‖x‖ = s·‖x / s‖ with s = max |x_i|: squaring 1e20 (or 1e-25) in float32
+    would give inf (or 0) and a tolerance test that passes for the wrong reason.
+    """
+    leaves = jax.tree_util.tree_leaves(x)
+    if not leaves:
+        return jnp.zeros((), jnp.float32)
+    s = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(a), initial=0) for a in leaves])
+    safe = jnp.where((s > 0) & jnp.isfinite(s), s, 1)
+    return jnp.where(jnp.isfinite(s), safe * jnp.sqrt(vdot(scale(1 / safe, x), scale(1 / safe, x))), s)
 
 
 def add(x, y):

@@ -462,6 +462,9 @@ class Dense(Solver):
     rcond: float | None = None
 
     def setup(self, operator, form):
+        if self.rcond is not None and not (0 <= float(self.rcond) < 1):
+            raise _checks.error("solvers.Dense", "rcond", repr(self.rcond), "None or a number in [0, 1)",
+                                "pass rcond=None (n·eps) or a relative cut-off such as 1e-10.")
         A = operator if form == "symmetric" else SolverState(operator, form).factor
         flat, unravel = jax.flatten_util.ravel_pytree(operator.like)
         n = flat.shape[0]
@@ -538,10 +541,17 @@ class _Krylov(Solver):
 
     def _solve(self, A, Minv, b, *, normal=False, **inner_options):
         Minv = _identity if Minv is None else Minv
-        tol = _tolerance(self.rtol, self.atol, _tree.norm(b), normal=normal)
+        bnorm = _tree.norm(b)
+        tol = _tolerance(self.rtol, self.atol, bnorm, normal=normal)
+        # solve for b / ‖b‖ (A is linear): the recurrences' squared norms can neither overflow
+        # nor underflow whatever b's scale
+        s = jnp.where((bnorm > 0) & jnp.isfinite(bnorm), bnorm, 1)
+        unit = _tree.scale(1 / s, b)
         inner = lambda r, tol, steps: self._inner(A, Minv, r, tol, steps, **inner_options)
-        residual = lambda x: (_tree.sub(b, A(x)), 1)
-        return _refined(inner, residual, b, tol, _default_steps(self.max_steps), self.restarts)
+        residual = lambda x: (_tree.sub(unit, A(x)), 1)
+        sol = _refined(inner, residual, unit, tol / s, _default_steps(self.max_steps), self.restarts)
+        return finish(_tree.scale(s, sol.value), sol.num_steps, sol.num_matvecs, s * sol.residual_norm,
+                      sol.converged, sol.failure)
 
 
 @_tree.pytree_dataclass(static=("max_steps", "restarts"))
@@ -721,7 +731,10 @@ def _as_batch_of_one(fn, b):
 
 
 def _row_norms(R):
-    return jnp.sqrt(jnp.sum(R * R, axis=1))
+    """Per-row Euclidean norms without overflow or underflow (as :func:`gifjax._tree.norm`)."""
+    s = jnp.max(jnp.abs(R), axis=1)
+    safe = jnp.where((s > 0) & jnp.isfinite(s), s, 1)
+    return jnp.where(jnp.isfinite(s), safe * jnp.sqrt(jnp.sum((R / safe[:, None]) ** 2, axis=1)), s)
 
 
 @_tree.pytree_dataclass(static=("max_steps", "restarts"))
@@ -795,8 +808,10 @@ class BlockCG(_Krylov):
         bnorm = _row_norms(rows)
         tol = _tolerance(self.rtol, self.atol, bnorm, normal=normal)
         max_steps = _default_steps(self.max_steps)
-        x, steps, matvecs, residual, met, fail = _block_cg_refined(A_rows, M_rows, rows, tol, max_steps,
-                                                                   self.restarts)
+        s = jnp.where((bnorm > 0) & jnp.isfinite(bnorm), bnorm, 1)  # unit rows, as in _Krylov._solve
+        x, steps, matvecs, residual, met, fail = _block_cg_refined(A_rows, M_rows, rows / s[:, None], tol / s,
+                                                                   max_steps, self.restarts)
+        x, residual = x * s[:, None], residual * s
         matvecs = jnp.broadcast_to((2 if normal else 1) * matvecs, steps.shape)
         sols = jax.vmap(finish)(x, steps, matvecs, residual, met, fail)
         return sols._replace(value=jax.vmap(unravel)(sols.value))

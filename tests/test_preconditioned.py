@@ -302,3 +302,22 @@ def test_parallel_functions_warn_and_return_diagnostics(x64):
         scores = gifjax.parallel.influence_scores(problem.loss, problem.params, problem.example_loss, ex, ex,
                                                   problem.x, problem.y, **kw)
     assert scores.shape == (4, 4)
+
+
+@pytest.mark.parametrize("magnitude", [1e20, 1e-25])
+def test_right_hand_sides_whose_squared_norm_overflows_or_underflows_are_solved(magnitude):
+    """float32: ‖b‖² of 1e20·b overflows and of 1e-25·b underflows; the solvers work on b/‖b‖."""
+    rng = np.random.default_rng(5)
+    Q, _ = np.linalg.qr(rng.normal(size=(20, 20)))
+    A = jnp.asarray(Q @ np.diag(np.geomspace(1.0, 10.0, 20)) @ Q.T, jnp.float32)  # κ = 10: scale is the test
+    b = jnp.asarray(rng.normal(size=20), jnp.float32)
+    expected = np.linalg.solve(np.asarray(A, np.float64), np.asarray(b, np.float64))
+    for solver in [solvers.CG(), solvers.MINRES(), solvers.LSTSQ(), solvers.LSMR()]:
+        sol = solver(lambda v: A @ v, b * magnitude)
+        assert bool(sol.converged), (type(solver).__name__, sol.failure_names())
+        assert rel_err(np.asarray(sol.value, np.float64) / magnitude, expected) < 1e-4, type(solver).__name__
+
+
+def test_dense_rejects_a_nan_rcond():
+    with pytest.raises(ValueError, match=r"solvers\.Dense: bad `rcond`: got nan"):
+        solvers.Dense(rcond=float("nan"))(lambda v: v, jnp.ones(3))
