@@ -35,8 +35,13 @@ def norm(x):
     if not leaves:
         return jnp.zeros((), jnp.float32)
     s = functools.reduce(jnp.maximum, [jnp.max(jnp.abs(a), initial=0) for a in leaves])
-    safe = jnp.where((s > 0) & jnp.isfinite(s), s, 1)
-    return jnp.where(jnp.isfinite(s), safe * jnp.sqrt(vdot(scale(1 / safe, x), scale(1 / safe, x))), s)
+    y = scale(1 / divisor(s), x)
+    return jnp.where(jnp.isfinite(s), divisor(s) * jnp.sqrt(vdot(y, y)), s)
+
+
+def divisor(s):
+    """``s`` where it is a usable scale (finite, > 0), else 1."""
+    return jnp.where((s > 0) & jnp.isfinite(s), s, 1)
 
 
 def add(x, y):

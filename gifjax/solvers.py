@@ -545,7 +545,7 @@ class _Krylov(Solver):
         tol = _tolerance(self.rtol, self.atol, bnorm, normal=normal)
         # solve for b / ‖b‖ (A is linear): the recurrences' squared norms can neither overflow
         # nor underflow whatever b's scale
-        s = jnp.where((bnorm > 0) & jnp.isfinite(bnorm), bnorm, 1)
+        s = _tree.divisor(bnorm)
         unit = _tree.scale(1 / s, b)
         inner = lambda r, tol, steps: self._inner(A, Minv, r, tol, steps, **inner_options)
         residual = lambda x: (_tree.sub(unit, A(x)), 1)
@@ -733,8 +733,8 @@ def _as_batch_of_one(fn, b):
 def _row_norms(R):
     """Per-row Euclidean norms without overflow or underflow (as :func:`gifjax._tree.norm`)."""
     s = jnp.max(jnp.abs(R), axis=1)
-    safe = jnp.where((s > 0) & jnp.isfinite(s), s, 1)
-    return jnp.where(jnp.isfinite(s), safe * jnp.sqrt(jnp.sum((R / safe[:, None]) ** 2, axis=1)), s)
+    d = _tree.divisor(s)
+    return jnp.where(jnp.isfinite(s), d * jnp.sqrt(jnp.sum((R / d[:, None]) ** 2, axis=1)), s)
 
 
 @_tree.pytree_dataclass(static=("max_steps", "restarts"))
@@ -808,7 +808,7 @@ class BlockCG(_Krylov):
         bnorm = _row_norms(rows)
         tol = _tolerance(self.rtol, self.atol, bnorm, normal=normal)
         max_steps = _default_steps(self.max_steps)
-        s = jnp.where((bnorm > 0) & jnp.isfinite(bnorm), bnorm, 1)  # unit rows, as in _Krylov._solve
+        s = _tree.divisor(bnorm)  # unit rows, as in _Krylov._solve
         x, steps, matvecs, residual, met, fail = _block_cg_refined(A_rows, M_rows, rows / s[:, None], tol / s,
                                                                    max_steps, self.restarts)
         x, residual = x * s[:, None], residual * s
