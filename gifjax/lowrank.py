@@ -200,8 +200,9 @@ class LowRank(Solver):
     solve); ``converged`` only when the right-hand side lies in that
     subspace (‖outside‖ ≤ rtol·‖b‖, rtol by dtype as in
     :data:`gifjax.solvers.DEFAULT_RTOL`) — otherwise failure
-    ``"approximate"``: a truncation is an approximation, not a converged solve. Derivatives use the true
-    operator with the factorised inverse (``gifjax.solvers``).
+    ``"approximate"``: a truncation is an approximation, not a converged
+    solve. Derivatives use the true operator with the factorised inverse
+    (``gifjax.solvers``).
 
     Warning:
       The answer is only as good as the captured spectrum: a rank-k
