@@ -28,6 +28,7 @@ from typing import Callable
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
+import numpy as np
 
 from . import _checks, _tree
 from . import masks as _masks
@@ -110,6 +111,7 @@ def batched_hvp_fn(loss_fn: Callable, params, *args, chunk_size: int, damping=0.
                             "pass e.g. chunk_size=256.")
     chunk_size = min(chunk_size, n)
     num_full, rest = divmod(n, chunk_size)
+    _check_mean_loss(loss_fn, params, args, chunk_size)
 
     def chunk_hvp(chunk_args, v):
         return _jvp_of_grad(loss_fn, params, chunk_args)(v)
@@ -130,6 +132,24 @@ def batched_hvp_fn(loss_fn: Callable, params, *args, chunk_size: int, damping=0.
         return _damp(total, v, damping)
 
     return hvp_fn
+
+
+def _check_mean_loss(loss_fn, params, args, chunk_size):
+    """Refuse a loss that is not a mean over its batch: chunk averaging would be silently off.
+
+    A mean loss is unchanged when its batch is repeated twice; a sum doubles.
+    One forward pass on a chunk and on the chunk twice, outside ``jit`` only.
+    """
+    if not all(_checks.is_concrete(a) for a in jax.tree_util.tree_leaves((params, args))):
+        return
+    chunk = jax.tree_util.tree_map(lambda a: a[:chunk_size], args)
+    twice = jax.tree_util.tree_map(lambda a: jnp.concatenate([a, a]), chunk)
+    once, doubled = float(loss_fn(params, *chunk)), float(loss_fn(params, *twice))
+    if np.isfinite(once) and np.isfinite(doubled) and abs(doubled - once) > 0.1 * max(abs(once), abs(doubled)):
+        raise _checks.error("batched_hvp", "loss_fn", f"a loss that changes from {once:.6g} to {doubled:.6g} "
+                            "when its batch is repeated", "the mean loss over the batch it receives",
+                            "average over the batch (jnp.mean, not jnp.sum): chunk_size weights each "
+                            "chunk's products by its share of the examples.")
 
 
 def masked_hvp(loss_fn: Callable, params, v, mask, *args, damping=0.0):

@@ -321,3 +321,17 @@ def test_right_hand_sides_whose_squared_norm_overflows_or_underflows_are_solved(
 def test_dense_rejects_a_nan_rcond():
     with pytest.raises(ValueError, match=r"solvers\.Dense: bad `rcond`: got nan"):
         solvers.Dense(rcond=float("nan"))(lambda v: v, jnp.ones(3))
+
+
+def test_a_summed_loss_with_chunk_size_is_refused_not_silently_off(x64):
+    """chunk_size averages chunk products: a loss that sums over its batch would be off by the
+    number of chunks (2× here) while the solve says converged."""
+    problem = make_problem("mlp", x64)
+    summed = lambda p, x, y: problem.loss(p, x, y) * x.shape[0]
+    g = jax.tree_util.tree_map(jnp.ones_like, problem.params)
+    with pytest.raises(ValueError, match=r"bad `loss_fn`: got a loss that changes from .* when its batch is "
+                                         r"repeated; expected the mean loss"):
+        gifjax.influence(summed, problem.params, g, problem.x, problem.y, chunk_size=12, damping=1.0)
+    out = gifjax.influence(problem.loss, problem.params, g, problem.x, problem.y, chunk_size=12, damping=1.0,
+                           method="if")
+    assert bool(out.converged)
