@@ -144,7 +144,10 @@ def _check_mean_loss(loss_fn, params, args, chunk_size):
         return
     chunk = jax.tree_util.tree_map(lambda a: a[:chunk_size], args)
     twice = jax.tree_util.tree_map(lambda a: jnp.concatenate([a, a]), chunk)
-    once, doubled = float(loss_fn(params, *chunk)), float(loss_fn(params, *twice))
+    once, doubled = loss_fn(params, *chunk), loss_fn(params, *twice)
+    if not (_checks.is_concrete(once) and _checks.is_concrete(doubled)):  # loss_fn closes over tracers
+        return
+    once, doubled = float(once), float(doubled)
     if np.isfinite(once) and np.isfinite(doubled) and abs(doubled - once) > 0.1 * max(abs(once), abs(doubled)):
         raise _checks.error("batched_hvp", "loss_fn", f"a loss that changes from {once:.6g} to {doubled:.6g} "
                             "when its batch is repeated", "the mean loss over the batch it receives",
