@@ -124,3 +124,61 @@ def test_peer_skips_cleanly_without_pydvl(tmp_path, monkeypatch, capsys):
     payload = json.loads((tmp_path / "peer.json").read_text())
     assert payload["skipped"] is True and "torch" in payload["reason"]
     assert "skipped" in (tmp_path / "peer.md").read_text()
+
+
+@pytest.mark.slow
+def test_accelerator_smoke_writes_the_full_schema(tmp_path):
+    """`python -m benchmarks.accelerator --smoke` end to end on CPU (~30 s): every section ok, numbers sane."""
+    import math
+    import os
+    import subprocess
+
+    from gifjax.solvers import FAILURES
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", GIFJAX_BENCH_RESULTS=str(tmp_path / "unused"))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.accelerator", "--smoke", "--results", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "hvp_cost/" in proc.stdout and " s] " in proc.stdout  # progress lines with elapsed time
+    data = json.loads((tmp_path / "accelerator.json").read_text())  # --results wins over the variable
+    assert "## Accelerator benchmark (smoke, complete)" in (tmp_path / "accelerator.md").read_text()
+
+    positive = lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+    finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)
+    assert data["benchmark"] == "accelerator" and data["mode"] == "smoke" and data["status"] == "complete"
+    assert data["counts"] == {"skipped": 0, "errors": 0}
+    assert data["device"]["platform"] == "cpu" and data["device"]["count"] >= 1 and data["device"]["device_kind"]
+    assert data["jax_version"] and data["started"] and data["environment"]["jax"] == data["jax_version"]
+    assert positive(data["elapsed_s"]) and data["elapsed_s"] < data["deadline_s"]
+    names = list(data["models"])
+    assert len(names) == 2 and all(data["models"][m]["status"] == "ok" and data["models"][m]["params"] > 0
+                                   for m in names)
+    for m in names:
+        cost, damp = data["hvp_cost"][m], data["damping"][m]
+        assert cost["status"] == "ok" and damp["status"] == "ok"
+        assert all(positive(cost[k]) for k in ("grad_ms", "hvp_ms", "hvp_over_grad"))
+        assert finite(cost["loop_product_ms"]) and finite(cost["loop_product_over_grad"])
+        assert positive(damp["damping"]) and damp["lambda_min_estimate"] <= damp["lambda_max_estimate"]
+        solves = data["solves"][m]
+        assert set(solves) == ({"CG (vmap)", "BlockCG", "MINRES (vmap)"} if m == names[0]
+                               else {"CG (vmap)", "BlockCG"})
+        for by_q in solves.values():
+            assert set(by_q) == {"1", "2"}
+            for q, e in by_q.items():
+                assert e["status"] == "ok" and e["Q"] == int(q) and e["calls"] * e["queries_per_call"] == e["Q"]
+                assert positive(e["ms_per_query"]) and positive(e["hvps_per_query"]) and positive(e["seconds"])
+                assert finite(e["rel_residual_max"]) and 0 <= e["rel_residual_median"] <= e["rel_residual_max"]
+                assert 0 <= e["converged_share"] <= 1 and sum(e["failures"].values()) == e["Q"]
+                assert set(e["failures"]) <= set(FAILURES)
+    first = names[0]
+    bf16 = data["bf16"]
+    assert positive(bf16["hvp_cost"][first]["hvp_ms"]) and finite(bf16["hvp_cost"][first]["loop_product_ms"])
+    runs = bf16["accuracy"][first]["runs"]
+    assert len(runs) == 4 and {r["variant"] for r in runs.values()} == {"f32", "bf16"}
+    for r in runs.values():
+        assert finite(r["rel_error_max"]) and 0 <= r["rel_error_median"] <= r["rel_error_max"]
+        assert positive(r["hvps_per_query"]) and set(r["failures"]) <= set(FAILURES)
+    par = data["parallel"][first]
+    assert par["status"] == "ok" and par["devices"] == data["device"]["count"]
+    assert positive(par["single"]["seconds"]) and positive(par["single"]["ms_per_query"])
