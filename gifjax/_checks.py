@@ -34,6 +34,33 @@ def leading_size(fn: str, arg: str, tree, *, nonempty: bool = False,
     return sizes.pop()
 
 
+def check_example_loss(fn: str, example_loss_fn, params, examples, arg: str):
+    """``example_loss_fn(params, one example)`` traces and returns a scalar (checked abstractly).
+
+    ``examples`` holds n examples stacked along axis 0 of every leaf; the
+    function is traced (``jax.eval_shape``, nothing computed) on the first
+    one. Catches a loss written for a batch (non-scalar output) and examples
+    that don't have the structure the loss unpacks (a bare ``x`` for a loss
+    reading ``x, y = example``), with the example's structure in the message.
+    """
+    leading_size(fn, arg, examples)
+    first = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a)[1:], a.dtype), examples)
+    shapes = jax.tree_util.tree_map(lambda a: f"{np.dtype(a.dtype).name}{list(a.shape)}", first)
+    fix = ("write `example_loss_fn(params, example) -> scalar` for ONE example: gifjax vmaps it over "
+           f"axis 0 of `{arg}`. For a batch loss use `lambda p, e: batch_loss(p, jax.tree.map(lambda a: "
+           f"a[None], e))`; if the loss unpacks `x, y = example`, pass `{arg}=(x, y)`, not `x` alone.")
+    try:
+        out = jax.eval_shape(example_loss_fn, params, first)
+    except Exception as e:  # the user's function failed on what gifjax passes it: say what that was
+        raise error(fn, "example_loss_fn", f"{type(e).__name__}: {e}".splitlines()[0][:300],
+                    f"a function of (params, example) where one example of `{arg}` is {shapes}", fix) from e
+    leaves = jax.tree_util.tree_leaves(out)
+    if len(leaves) != 1 or leaves[0].shape != ():
+        got = jax.tree_util.tree_map(lambda a: f"{np.dtype(a.dtype).name}{list(a.shape)}", out)
+        raise error(fn, "example_loss_fn", f"output {got} for one example {shapes} of `{arg}`",
+                    "a scalar loss per example", fix)
+
+
 def is_concrete(x) -> bool:
     """True when ``x`` holds values now (not a tracer inside jit/vmap)."""
     return not isinstance(x, jax.core.Tracer)

@@ -37,9 +37,9 @@ __all__ = ["GGN", "batch_size_of", "batched_hvp", "batched_hvp_fn", "check_ggn",
 
 
 def hvp(loss_fn: Callable, params, v, *args, damping=0.0):
-    """Hessian-vector product (H + λI) v of ``loss_fn`` at ``params``.
+    r"""Hessian-vector product (H + λI) v of ``loss_fn`` at ``params``.
 
-    H = ∇²_θ loss_fn(θ, *args) at θ = params, computed as
+    H = ∇²_θ loss_fn(θ, \*args) at θ = params, computed as
     ``jax.jvp(jax.grad(loss_fn), (params,), (v,))`` — forward over reverse.
 
     Args:
@@ -111,7 +111,7 @@ def batched_hvp_fn(loss_fn: Callable, params, *args, chunk_size: int, damping=0.
                             "pass e.g. chunk_size=256.")
     chunk_size = min(chunk_size, n)
     num_full, rest = divmod(n, chunk_size)
-    _check_mean_loss(loss_fn, params, args, chunk_size)
+    check_mean_loss(loss_fn, params, args, chunk_size)
 
     def chunk_hvp(chunk_args, v):
         return _jvp_of_grad(loss_fn, params, chunk_args)(v)
@@ -134,7 +134,7 @@ def batched_hvp_fn(loss_fn: Callable, params, *args, chunk_size: int, damping=0.
     return hvp_fn
 
 
-def _check_mean_loss(loss_fn, params, args, chunk_size):
+def check_mean_loss(loss_fn, params, args, chunk_size):
     """Refuse a loss that is not a mean over its batch: chunk averaging would be silently off.
 
     A mean loss is unchanged when its batch is repeated twice; a sum doubles.

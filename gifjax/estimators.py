@@ -5,14 +5,14 @@ For a gradient ``g`` (of the loss of the data to remove, scaled as you wish)
 and H_λ = ∇²loss_fn(params, \*args) + λI, with P the element mask of target
 parameters:
 
-======  ==========================================  ===========================
+======= ==========================================  ===========================
 method  parameter change Δ                          solved as
-======  ==========================================  ===========================
+======= ==========================================  ===========================
 ``if``  Δ = H_λ⁻¹ g (all parameters)                 symmetric  H_λ x = g
 ``pif`` Δ = P H_λ⁻¹ g (projected IF)                 symmetric, then masked
 ``fif`` Δ_t = [H_λ]_tt⁻¹ g_t (freeze θ_f)            symmetric  P H_λ P x = P g
 ``gif`` Δ = argmin_{x = Px} ‖H_λ x − g‖₂ (Lyu+ 24)   least squares, A = H_λ P
-======  ==========================================  ===========================
+======= ==========================================  ===========================
 
 GIF keeps the linearised stationarity condition of *all* parameters
 satisfied in least squares while moving only θ_t; its normal equations are
@@ -61,13 +61,14 @@ top level (``gifjax.influence`` is the function).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _checks, _tree
+from . import _checks, _repr, _tree
 from . import curvature as _curv
 from ._chunks import map_in_chunks
 from .operators import METHODS, Estimator, Problem, curvature_spec
@@ -79,6 +80,7 @@ __all__ = ["Adjoints", "Influence", "METHODS", "Scores", "Setup", "adjoint_solve
 tree_map = jax.tree_util.tree_map
 
 
+@_repr.compact_repr()
 class Influence(NamedTuple):
     """Result of :func:`influence`.
 
@@ -105,6 +107,7 @@ class Influence(NamedTuple):
     residual_norm = property(lambda self: self.solution.residual_norm)
 
 
+@_repr.compact_repr()
 class Setup(NamedTuple):
     """One estimator's problem and solver state, ready for any number of right-hand sides."""
 
@@ -146,9 +149,8 @@ def setup(loss_fn: Callable, params, *args, mask=None, method: str = "gif", solv
       >>> jax.vmap(s.solve)(jnp.eye(3)).value.diagonal()
       Array([1.  , 0.5 , 0.25], dtype=float32)
     """
-    estimator = Estimator(method, mask).check(fn, params)
-    solver = get_solver(solver, form=estimator.form, fn=fn)
-    spec = curvature_spec(fn, curvature, damping=damping, chunk_size=chunk_size, axis_name=axis_name)
+    estimator, solver, spec = _configure(fn, params, mask, method, solver, curvature, damping, chunk_size,
+                                         axis_name)
     spec = solver.configure(spec, estimator, fn)
     C = spec.resolve(loss_fn, params, *args, trace_mask=estimator.trace_mask)
     problem = estimator.problem(C)
@@ -158,10 +160,68 @@ def setup(loss_fn: Callable, params, *args, mask=None, method: str = "gif", solv
     return Setup(problem, solver, state)
 
 
+def _configure(fn, params, mask, method, solver, curvature, damping, chunk_size, axis_name):
+    """The estimator, the solver value and the curvature spec behind the public keywords (checked)."""
+    estimator = Estimator(method, mask).check(fn, params)
+    solver = get_solver(solver, form=estimator.form, fn=fn)
+    return estimator, solver, curvature_spec(fn, curvature, damping=damping, chunk_size=chunk_size,
+                                             axis_name=axis_name)
+
+
+def _checked(fn, loss_fn, params, args, *, mask, method, solver, curvature, damping, chunk_size, axis_name):
+    """Every check of :func:`setup`, run now in Python: ``(solver value, curvature spec)``.
+
+    Inside the compiled program (:func:`_compiled`) values are traced, so the
+    checks that read them (an empty mask, a negative damping, a summed loss
+    with ``chunk_size``, low-rank factors built for another damping) happen
+    here first, with the concrete values.
+    """
+    estimator, solver, spec = _configure(fn, params, mask, method, solver, curvature, damping, chunk_size,
+                                         axis_name)
+    solver.configure(spec, estimator, fn)
+    if spec.chunk_size is not None and spec.ggn is None:
+        _curv.check_mean_loss(loss_fn, params, args, spec.chunk_size)
+    return solver, spec
+
+
+def _compiled(*static_argnames):
+    """Run the decorated body as one jitted program, compiled once per static configuration.
+
+    Called eagerly, the loops inside (``lax.map`` over chunks, the solvers'
+    ``while_loop``) would compile afresh on every call, because every call
+    builds new closures; one jitted program compiles once per loss functions,
+    method, chunk sizes, solver kind, shapes and dtypes, and a second call
+    only runs it (tiny models: seconds → milliseconds). Inside a caller's
+    ``jit`` / ``vmap`` / ``grad`` / ``shard_map`` it simply inlines. A static
+    value that is not hashable, or an input that is not a pytree of arrays
+    (e.g. a solver class of your own that is not registered as a pytree),
+    runs the body uncompiled, as before.
+    """
+
+    def wrap(body):
+        jitted = jax.jit(body, static_argnames=static_argnames)
+
+        @functools.wraps(body)
+        def call(*args, **kw):
+            dynamic = [args] + [v for k, v in kw.items() if k not in static_argnames]
+            try:
+                hash(tuple(kw[k] for k in static_argnames))
+            except TypeError:
+                return body(*args, **kw)
+            if not all(isinstance(leaf, (jax.Array, np.ndarray, np.generic, int, float, complex))
+                       for leaf in jax.tree_util.tree_leaves(dynamic)):
+                return body(*args, **kw)
+            return jitted(*args, **kw)
+
+        return call
+
+    return wrap
+
+
 def removal_gradient(loss_fn: Callable, params, *removed, num_train: int):
     r"""g for removing a group U of m of ``num_train`` = n training examples.
 
-        g = m / (n − m) · ∇_θ loss_fn(θ̂, *removed)
+        g = m / (n − m) · ∇_θ loss_fn(θ̂, \*removed)
 
     with ``loss_fn`` the training objective (mean loss + regulariser R) and
     ``removed`` U's data (leading axis m). Then Δ = H⁻¹ g with H the Hessian on
@@ -241,14 +301,20 @@ def influence(loss_fn: Callable, params, g, *args, mask=None, method: str = "gif
     """
     fn = "influence"
     _checks.check_like(fn, "g", g, params)
-    s = setup(loss_fn, params, *args, mask=mask, method=method, solver=solver, damping=damping,
-              chunk_size=chunk_size, curvature=curvature, axis_name=axis_name, fn=fn)
-    sol = s.solver.compute(s.state, s.problem.rhs(g))
-    out = Influence(s.problem.post(sol.value), sol, s.damping)
+    solver, spec = _checked(fn, loss_fn, params, args, mask=mask, method=method, solver=solver,
+                            curvature=curvature, damping=damping, chunk_size=chunk_size, axis_name=axis_name)
+    out = _influence(params, g, args, mask, solver, spec, loss_fn=loss_fn, method=method, fn=fn)
     if throw:
-        check_solution(fn, sol)
-    warn_failures(fn, sol)
+        check_solution(fn, out.solution)
+    warn_failures(fn, out.solution)
     return out
+
+
+@_compiled("loss_fn", "method", "fn")
+def _influence(params, g, args, mask, solver, spec, *, loss_fn, method, fn) -> Influence:
+    s = setup(loss_fn, params, *args, mask=mask, method=method, solver=solver, curvature=spec, fn=fn)
+    sol = s.solver.compute(s.state, s.problem.rhs(g))
+    return Influence(s.problem.post(sol.value), sol, s.damping)
 
 
 def adjoint_solve(loss_fn: Callable, params, test_grad, *args, mask=None, method: str = "if",
@@ -263,15 +329,22 @@ def adjoint_solve(loss_fn: Callable, params, test_grad, *args, mask=None, method
     """
     fn = "adjoint_solve"
     _checks.check_like(fn, "test_grad", test_grad, params)
-    sol = setup(loss_fn, params, *args, mask=mask, method=method, solver=solver, damping=damping,
-                chunk_size=chunk_size, curvature=curvature, axis_name=axis_name, adjoint=True,
-                fn=fn).solve(test_grad)
+    solver, spec = _checked(fn, loss_fn, params, args, mask=mask, method=method, solver=solver,
+                            curvature=curvature, damping=damping, chunk_size=chunk_size, axis_name=axis_name)
+    sol = _adjoint_solve(params, test_grad, args, mask, solver, spec, loss_fn=loss_fn, method=method, fn=fn)
     if throw:
         check_solution(fn, sol)
     warn_failures(fn, sol)
     return sol
 
 
+@_compiled("loss_fn", "method", "fn")
+def _adjoint_solve(params, test_grad, args, mask, solver, spec, *, loss_fn, method, fn) -> Solution:
+    return setup(loss_fn, params, *args, mask=mask, method=method, solver=solver, curvature=spec,
+                 adjoint=True, fn=fn).solve(test_grad)
+
+
+@_repr.compact_repr()
 class Adjoints(NamedTuple):
     """Result of :func:`adjoint_solves`: per-test-point solutions and the λ used."""
 
@@ -289,12 +362,27 @@ def adjoint_solves(loss_fn: Callable, params, example_loss_fn: Callable, test_ex
     ``test_chunk_size`` under ``lax.map`` (one compile for any n). Arguments
     as in :func:`influence_scores`.
     """
-    s = setup(loss_fn, params, *args, mask=mask, method=method, solver=solver, damping=damping,
-              chunk_size=chunk_size, curvature=curvature, axis_name=axis_name, adjoint=True, fn=fn)
-    grads = jax.vmap(jax.grad(example_loss_fn), in_axes=(None, 0))
-    sols = map_in_chunks(lambda chunk: _solve_visibly(s, grads(params, chunk)), test_examples,
-                         test_chunk_size, caller=fn, arg="test_examples")
+    _checks.check_example_loss(fn, example_loss_fn, params, test_examples, "test_examples")
+    solver, spec = _checked(fn, loss_fn, params, args, mask=mask, method=method, solver=solver,
+                            curvature=curvature, damping=damping, chunk_size=chunk_size, axis_name=axis_name)
+    return _adjoint_solves(params, test_examples, args, mask, solver, spec, loss_fn=loss_fn,
+                           example_loss_fn=example_loss_fn, method=method, test_chunk_size=test_chunk_size,
+                           fn=fn)
+
+
+@_compiled("loss_fn", "example_loss_fn", "method", "test_chunk_size", "fn")
+def _adjoint_solves(params, test_examples, args, mask, solver, spec, *, loss_fn, example_loss_fn, method,
+                    test_chunk_size, fn) -> Adjoints:
+    s = setup(loss_fn, params, *args, mask=mask, method=method, solver=solver, curvature=spec, adjoint=True,
+              fn=fn)
+    sols = map_in_chunks(lambda chunk: _solve_visibly(s, _example_grads(example_loss_fn, params, chunk)),
+                         test_examples, test_chunk_size, caller=fn, arg="test_examples")
     return Adjoints(sols, s.damping)
+
+
+def _example_grads(example_loss_fn, params, examples):
+    """∇ℓ of each example (leading axis), stacked like ``params``."""
+    return jax.vmap(jax.grad(example_loss_fn), in_axes=(None, 0))(params, examples)
 
 
 def _solve_visibly(s: Setup, G) -> Solution:
@@ -321,6 +409,7 @@ def contract(grads, adjoints):
     return sum(leaves[1:], leaves[0])
 
 
+@_repr.compact_repr()
 class Scores(NamedTuple):
     """Influence scores with the per-test-point solver diagnostics."""
 
@@ -346,20 +435,25 @@ def influence_scores(loss_fn: Callable, params, example_loss_fn: Callable, train
     gradients are computed chunk by chunk (``train_chunk_size``) and
     contracted with the stacked solutions, never solved for. Both chunk
     sizes are static; the last chunk is padded and trimmed, so one compile
-    serves any n.
+    serves any n. ``loss_fn`` defines H; an :class:`gifjax.AutoDamping` is
+    resolved once for all test points.
 
     With ``solver=gifjax.lowrank.LowRank(factors)`` the solves are two
     projections each: the factorisation's k HVPs are shared by all test points.
 
     Args:
-      loss_fn, params, *args, mask, method, solver, damping, chunk_size,
-        curvature, throw: as in :func:`influence` (``loss_fn`` defines H; an
-        :class:`gifjax.AutoDamping` is resolved once for all test points).
+      loss_fn, params, \*args, mask, method, solver, damping, chunk_size, curvature, throw:
+        as in :func:`influence`.
       example_loss_fn: ``example_loss_fn(params, example) -> scalar`` for
         one example (a pytree without batch axis).
       train_examples, test_examples: pytrees with a leading batch axis.
       return_info: also return the per-test :class:`~gifjax.solvers.Solution`
         (as :class:`Scores`) — check ``converged`` on real models.
+      axis_name: inside ``jax.shard_map``, the axis over which ``args`` (the
+        Hessian batch) is sharded; curvature products are ``pmean`` ed over
+        it. The training and test examples stay this device's own: the
+        result is their local block. :func:`gifjax.parallel.influence_scores`
+        does the sharding for you.
 
     Failed solves are never silent: outside ``jit`` one ``RuntimeWarning``
     says how many test points did not converge and why (``throw=True``
@@ -367,11 +461,6 @@ def influence_scores(loss_fn: Callable, params, example_loss_fn: Callable, train
     ``return_info``). A test example with a non-finite gradient gets a NaN
     column (failure ``"nonfinite"``), never zeros; a non-finite training
     gradient gives a NaN row.
-      axis_name: inside ``jax.shard_map``, the axis over which ``args`` (the
-        Hessian batch) is sharded; curvature products are ``pmean`` ed over
-        it. The training and test examples stay this device's own: the
-        result is their local block. :func:`gifjax.parallel.influence_scores`
-        does the sharding for you.
 
     Example:
       >>> import jax, jax.numpy as jnp, gifjax
@@ -383,20 +472,31 @@ def influence_scores(loss_fn: Callable, params, example_loss_fn: Callable, train
       (20, 4)
     """
     fn = "influence_scores"
-    adj = adjoint_solves(loss_fn, params, example_loss_fn, test_examples, *args, mask=mask,
-                         method=method, solver=solver, damping=damping, chunk_size=chunk_size,
-                         curvature=curvature, axis_name=axis_name, test_chunk_size=test_chunk_size,
-                         fn=fn)
-    grads = jax.vmap(jax.grad(example_loss_fn), in_axes=(None, 0))
-    S = adj.solution.value  # pytree with leading n_test axis
-    scores = map_in_chunks(lambda chunk: contract(grads(params, chunk), S), train_examples,
-                           train_chunk_size, caller=fn, arg="train_examples")
+    _checks.check_example_loss(fn, example_loss_fn, params, train_examples, "train_examples")
+    _checks.check_example_loss(fn, example_loss_fn, params, test_examples, "test_examples")
+    solver, spec = _checked(fn, loss_fn, params, args, mask=mask, method=method, solver=solver,
+                            curvature=curvature, damping=damping, chunk_size=chunk_size, axis_name=axis_name)
+    scores, adj = _influence_scores(params, train_examples, test_examples, args, mask, solver, spec,
+                                    loss_fn=loss_fn, example_loss_fn=example_loss_fn, method=method,
+                                    test_chunk_size=test_chunk_size, train_chunk_size=train_chunk_size, fn=fn)
     if throw:
         check_solution(fn, adj.solution)
     warn_failures(fn, adj.solution)
     if not return_info:
         return scores
     return Scores(scores, adj.solution, adj.damping)
+
+
+@_compiled("loss_fn", "example_loss_fn", "method", "test_chunk_size", "train_chunk_size", "fn")
+def _influence_scores(params, train_examples, test_examples, args, mask, solver, spec, *, loss_fn,
+                      example_loss_fn, method, test_chunk_size, train_chunk_size, fn):
+    adj = _adjoint_solves(params, test_examples, args, mask, solver, spec, loss_fn=loss_fn,
+                          example_loss_fn=example_loss_fn, method=method, test_chunk_size=test_chunk_size,
+                          fn=fn)
+    S = adj.solution.value  # pytree with leading n_test axis
+    scores = map_in_chunks(lambda chunk: contract(_example_grads(example_loss_fn, params, chunk), S),
+                           train_examples, train_chunk_size, caller=fn, arg="train_examples")
+    return scores, adj
 
 
 def self_influence(loss_fn: Callable, params, example_loss_fn: Callable, examples, *args,
@@ -415,17 +515,28 @@ def self_influence(loss_fn: Callable, params, example_loss_fn: Callable, example
     solver diagnostics.
     """
     fn = "self_influence"
-    s = setup(loss_fn, params, *args, mask=mask, method=method, solver=solver, damping=damping,
-              chunk_size=chunk_size, curvature=curvature, axis_name=axis_name, adjoint=True, fn=fn)
-    grad_fn = jax.grad(example_loss_fn)
+    _checks.check_example_loss(fn, example_loss_fn, params, examples, "examples")
+    solver, spec = _checked(fn, loss_fn, params, args, mask=mask, method=method, solver=solver,
+                            curvature=curvature, damping=damping, chunk_size=chunk_size, axis_name=axis_name)
+    out = _self_influence(params, examples, args, mask, solver, spec, loss_fn=loss_fn,
+                          example_loss_fn=example_loss_fn, method=method,
+                          example_chunk_size=example_chunk_size, fn=fn)
+    if throw:
+        check_solution(fn, out.solution)
+    warn_failures(fn, out.solution)
+    return out if return_info else out.scores
+
+
+@_compiled("loss_fn", "example_loss_fn", "method", "example_chunk_size", "fn")
+def _self_influence(params, examples, args, mask, solver, spec, *, loss_fn, example_loss_fn, method,
+                    example_chunk_size, fn) -> Scores:
+    s = setup(loss_fn, params, *args, mask=mask, method=method, solver=solver, curvature=spec, adjoint=True,
+              fn=fn)
 
     def chunk(batch):
-        G = jax.vmap(grad_fn, in_axes=(None, 0))(params, batch)
+        G = _example_grads(example_loss_fn, params, batch)
         sol = _solve_visibly(s, G)
         return -jax.vmap(_tree.vdot)(sol.value, G), sol
 
     values, sols = map_in_chunks(chunk, examples, example_chunk_size, caller=fn, arg="examples")
-    if throw:
-        check_solution(fn, sols)
-    warn_failures(fn, sols)
-    return Scores(values, sols, s.damping) if return_info else values
+    return Scores(values, sols, s.damping)

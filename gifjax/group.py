@@ -3,8 +3,8 @@ r"""Second-order group influence (Basu, You & Feizi, ICML 2020), derived from it
 Removing a *group* U of m of the n training examples moves the optimum
 further than first-order influence predicts; the second-order term accounts
 for the interaction of the removed points. With the training objective
-L(θ) = loss_fn(θ, *train) = (1/n) Σ_S ℓ_i + R and the group objective
-L_U(θ) = loss_fn(θ, *removed) = (1/m) Σ_U ℓ_i + R, the removal path is
+L(θ) = loss_fn(θ, \*train) = (1/n) Σ_S ℓ_i + R and the group objective
+L_U(θ) = loss_fn(θ, \*removed) = (1/m) Σ_U ℓ_i + R, the removal path is
 
     L_ε(θ) = [ (1/n) Σ_S ℓ_i − ε (1/n) Σ_U ℓ_i ] / (1 − εp) + R(θ),   p = m/n,
 
@@ -50,7 +50,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 
-from . import _checks, _tree
+from . import _checks, _repr, _tree
 from . import curvature as _curv
 from .estimators import influence as _influence
 from .solvers import Solution
@@ -60,6 +60,7 @@ __all__ = ["GROUP_METHODS", "GroupInfluence", "group_influence"]
 GROUP_METHODS = ("if", "fif")
 
 
+@_repr.compact_repr()
 class GroupInfluence(NamedTuple):
     """Result of :func:`group_influence`.
 

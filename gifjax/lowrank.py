@@ -21,7 +21,7 @@ tridiagonal; eigendecomposing T = S Θ Sᵀ gives Ritz pairs (θ_i, y_i = Q s_i)
 Golub–Kahan (lower bidiagonalisation, as in LSQR) runs m steps from u₁,
 A V = U B with B (m+1)×m lower bidiagonal; the SVD B = P Σ Qᵀ gives
 approximate singular triplets (σ_i, U p_i, V q_i). The factors keep the
-``rank`` pairs of largest |θ| (or σ); the answer is the truncated
+``rank`` pairs of largest \|θ\| (or σ); the answer is the truncated
 pseudo-inverse of the factorised operator.
 
 What the approximation means — two readings, both exact statements:
@@ -29,7 +29,7 @@ What the approximation means — two readings, both exact statements:
 * **Rank-k truncation of the spectrum.** If the Krylov space has captured the
   top-k eigen/singular pairs (m = dim: exactly; m a few times k from a random
   start: the extremal part of the spectrum converges first), the answer is
-  A_k⁺ b, the pseudo-inverse restricted to the k largest |eigenvalues| — the
+  A_k⁺ b, the pseudo-inverse restricted to the k largest \|eigenvalues\| — the
   same truncation as a dense eigendecomposition. Directions of b outside the
   captured subspace are *dropped* (the default) or, for damped
   symmetric operators whose uncaptured eigenvalues are ≪ λ, mapped by 1/λ
@@ -77,7 +77,7 @@ import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 
-from . import _checks, _tree
+from . import _checks, _repr, _tree
 from . import masks as _masks
 from . import _krylov
 from .estimators import adjoint_solve, influence
@@ -92,21 +92,25 @@ HIGHEST = jax.lax.Precision.HIGHEST
 OPERATORS = {"if": "C", "pif": "C", "fif": "PCP", "gif": "CP"}
 
 
+@_repr.compact_repr()
 @_tree.pytree_dataclass(static=("method", "curvature"))
 class Factors:
-    """A rank-r factorisation A ≈ left · diag(values) · rightᵀ (a pytree value).
+    r"""A rank-r factorisation A ≈ left · diag(values) · rightᵀ (a pytree value).
 
-    Attributes (arrays; the vector sets are pytrees like ``params`` with a
-    leading axis r, pair i = ``tree_map(lambda a: a[i], left)``):
+    The fields are arrays (``method`` and ``curvature`` are static); the
+    vector sets are pytrees like ``params`` with a leading axis r, pair i =
+    ``tree_map(lambda a: a[i], left)``.
+
+    Attributes:
       values: [r] Ritz values θ_i (Lanczos; signed) or singular values σ_i
-        (Golub–Kahan), sorted by decreasing |value|.
+        (Golub–Kahan), sorted by decreasing \|value\|.
       left: Ritz vectors y_i (Lanczos) or left singular vectors u_i.
       right: right singular vectors v_i, or ``None`` for symmetric factors
         (then right = left).
       rank: int32 scalar, how many leading pairs a solve uses (≤ r; set by
         ``rtol`` and the numerical-rank floor m·eps).
       residuals: [r] residual bounds of the pairs, ‖A y_i − θ_i y_i‖ =
-        |β_m s_{m,i}| (Lanczos) and ‖Aᵀ u_i − σ_i v_i‖ = α_{m+1}|p_{m,i}|
+        \|β_m s_{m,i}\| (Lanczos) and ‖Aᵀ u_i − σ_i v_i‖ = α_{m+1}\|p_{m,i}\|
         (Golub–Kahan); small = converged pair.
       damping: the λ included in the factorised operator (H + λI).
       num_matvecs: curvature products spent (int32).
@@ -221,6 +225,7 @@ class LowRank(Solver):
 
     # -- the factors fix the operator
     def configure(self, spec, estimator, fn):
+        self._check_complement(estimator.form)
         f = self.factors
         if f is None:
             return spec
@@ -252,9 +257,7 @@ class LowRank(Solver):
 
     def setup(self, operator, form, fn: str = "lowrank.LowRank"):
         A = operator if form == "symmetric" else SolverState(operator, form).factor
-        if self.complement is not None and form != "symmetric":
-            raise _checks.error(fn, "complement", self.complement, "0 for Golub–Kahan (gif) factors",
-                                "use complement only with symmetric (if/pif/fif) factors.")
+        self._check_complement(form)
         if self.factors is not None:
             return self.factors
         if self.rank is None:
@@ -262,6 +265,11 @@ class LowRank(Solver):
                                 "pass LowRank(factors) or LowRank(rank=50) to factorise in init.")
         return _factorize(fn, A, symmetric=form == "symmetric", rank=self.rank, num_steps=self.num_steps,
                           rtol=self.rtol, key=self.key, start=self.start)
+
+    def _check_complement(self, form):
+        if self.complement is not None and form != "symmetric":
+            raise _checks.error("lowrank.LowRank", "complement", self.complement, "0 for Golub–Kahan (gif) factors",
+                                "use complement only with symmetric (if/pif/fif) factors.")
 
     # -- answers
     def _check_b(self, f, b):
@@ -407,8 +415,8 @@ def lanczos(matvec: Callable, start, *, num_steps: int, rank: int | None = None,
       matvec: symmetric ``v ↦ A v`` on pytrees like ``start``.
       start: the start vector q₁ (pytree; normalised here; traced).
       num_steps: m, static (m matvecs, memory m vectors).
-      rank: pairs kept (static, ≤ m; default m), largest |θ| first.
-      rtol: traced; pairs with |θ| ≤ rtol·max|θ| are not used by solves.
+      rank: pairs kept (static, ≤ m; default m), largest \|θ\| first.
+      rtol: traced; pairs with \|θ\| ≤ rtol·max\|θ\| are not used by solves.
       key: PRNG key for restart vectors (default ``jax.random.key(0)``).
 
     Returns:
@@ -473,15 +481,16 @@ def factorize(loss_fn: Callable, params, *args, rank: int, method: str = "if", m
     query costs two projections (:class:`LowRank`).
 
     Args:
-      loss_fn, params, *args, mask, damping, curvature, chunk_size, axis_name:
-        as in :func:`gifjax.influence` (``damping`` may be a
+      loss_fn, params, \*args, mask, curvature, chunk_size, axis_name: as in
+        :func:`gifjax.influence`.
+      damping: as in :func:`gifjax.influence` (may be a
         :class:`gifjax.AutoDamping`; the resolved λ is ``factors.damping``).
-      rank: pairs kept (static), largest |θ| / σ first.
+      rank: pairs kept (static), largest \|θ\| / σ first.
       method: ``"if"``, ``"pif"``, ``"fif"`` or ``"gif"`` (static).
       num_steps: Krylov steps m (static, rank ≤ m ≤ dim, dim = the number of
         target parameters for fif / gif; default ``rank``).
         m ≈ 2·rank makes the kept top pairs much more accurate.
-      rtol: traced; use only pairs with |θ| > rtol·max|θ| (rank by tolerance).
+      rtol: traced; use only pairs with \|θ\| > rtol·max\|θ\| (rank by tolerance).
       key: PRNG key for the random start and restarts (default ``key(0)``).
       start: optional start vector (pytree like ``params``; masked for fif).
         ``start = g`` reproduces m steps of CG / LSQR for that g; the mean of
@@ -517,6 +526,7 @@ def factorize(loss_fn: Callable, params, *args, rank: int, method: str = "if", m
     return dataclasses.replace(solver.setup(prepared(problem.operator), problem.form, fn=fn), method=method)
 
 
+@_repr.compact_repr()
 class Approximation(NamedTuple):
     """Low-rank answer vs an exact solve (see :func:`approximation_error`)."""
 

@@ -17,14 +17,14 @@ and the solvers (:mod:`gifjax.solvers`). Three small values:
 The estimator table (forward problems; P the element mask, C_λ the damped
 curvature). It is :data:`ESTIMATORS`, the one place these facts live:
 
-======  ===============  =========  ======  ======  ==========================
+======= ===============  =========  ======  ======  ==========================
 method  form             operator   rhs     answer  Δ
-======  ===============  =========  ======  ======  ==========================
+======= ===============  =========  ======  ======  ==========================
 ``if``  symmetric        C_λ        g       x       C_λ⁻¹ g
 ``pif`` symmetric        C_λ        g       P x     P C_λ⁻¹ g
 ``fif`` symmetric        P C_λ P    P g     P x     [C_λ]_tt⁻¹ g_t
 ``gif`` least squares    C_λ P      g       P x     argmin_{x=Px} ‖C_λ x − g‖
-======  ===============  =========  ======  ======  ==========================
+======= ===============  =========  ======  ======  ==========================
 
 The *adjoint* problem (one solve per test point for influence scores,
 ∇ᵀΔ(g) = sᵀg) is the transpose, :attr:`Problem.T`: the operator transposed,
@@ -51,7 +51,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from . import _checks, _tree
+from . import _checks, _repr, _tree
 from . import curvature as _curv
 from . import masks as _masks
 
@@ -153,10 +153,10 @@ def masked(op: LinearOperator, mask, *, left: bool, right: bool) -> LinearOperat
 class AutoDamping:
     r"""Damping as a fraction of the mean eigenvalue: ``damping=gifjax.AutoDamping(0.1, key=k)``.
 
-        λ = fraction · max(tr(P C P), 0) / |t|,
+        λ = fraction · max(tr(P C P), 0) / \|t\|,
 
     C the curvature (Hessian or GGN), P the mask for ``fif`` / ``gif`` (all
-    parameters, |t| = p, for ``if`` / ``pif``), the trace by
+    parameters, \|t\| = p, for ``if`` / ``pif``), the trace by
     :func:`gifjax.hutchinson_trace` with ``num_samples`` Rademacher probes
     drawn from ``key`` — deterministic given the key. The resolved λ is
     reported as ``damping`` in :class:`gifjax.Influence` / :class:`gifjax.Scores`,
@@ -375,6 +375,7 @@ ESTIMATORS = {
 }
 
 
+@_repr.compact_repr()
 class Problem(NamedTuple):
     """A linear problem for a solver: ``answer = post(solve(form, operator, rhs(g)))``."""
 

@@ -9,7 +9,7 @@ Two independent kinds of parallelism, one mesh with axes ``("queries", "data")``
 * **Data parallel** (``data_axis``): the Hessian batch ``*args`` is split into D
   equal shards and every curvature product is the mean of the local ones,
 
-      H v = (1/D) Σ_d H_d v + λv,   H_d = ∇²loss_fn(θ, *args_d),
+      H v = (1/D) Σ_d H_d v + λv,   H_d = ∇²loss_fn(θ, \*args_d),
 
   one ``jax.lax.pmean`` per product, damping added once after it (the
   ``axis_name`` hook of :func:`gifjax.hessian_operator`). With ``loss_fn``

@@ -17,13 +17,13 @@ never accuracy. It acts as the identity off the operator's domain (the
 mask), so masked estimators keep their answers on the target parameters.
 
 Low-rank preconditioners use the spectral form of Frangella, Tropp & Udell
-(2021): with the k dominant eigenpairs (U, Λ) of the target and μ = |λ_k|
+(2021): with the k dominant eigenpairs (U, Λ) of the target and μ = \|λ_k\|
 the smallest kept,
 
-    M⁻¹ = U diag(μ / |Λ|) Uᵀ + (I − U Uᵀ),
+    M⁻¹ = U diag(μ / \|Λ\|) Uᵀ + (I − U Uᵀ),
 
 which maps the top k eigenvalues onto μ and leaves the rest: the effective
-condition number drops from |λ_1|/|λ_n| to |λ_k|/|λ_n|.
+condition number drops from \|λ_1\|/\|λ_n\| to \|λ_k\|/\|λ_n\|.
 
 Example:
     >>> import jax.numpy as jnp
@@ -120,7 +120,7 @@ def _products(operator, unravel, vectors, batch_size):
 
 @_tree.pytree_dataclass(static=("num_probes", "batch_size"))
 class Jacobi(Preconditioner):
-    r"""Diagonal scaling M = |diag A|, the diagonal estimated by Hutchinson probes.
+    r"""Diagonal scaling M = \|diag A\|, the diagonal estimated by Hutchinson probes.
 
     diag A ≈ mean_z z ⊙ A z over ``num_probes`` Rademacher vectors z (exact
     for diagonal A; the error of each entry shrinks as 1/√num_probes).
@@ -197,7 +197,7 @@ class Deflation(Preconditioner):
     r"""Spectral deflation by the dominant eigenpairs: Lanczos, or factors you already have.
 
     ``Deflation(rank=k)`` runs ``num_steps`` (default 2k) Lanczos steps with
-    full reorthogonalisation on the target and keeps its k largest-|θ| Ritz
+    full reorthogonalisation on the target and keeps its k largest-\|θ\| Ritz
     pairs; ``Deflation(factors)`` adopts a :class:`gifjax.lowrank.Factors`
     (eigenpairs; singular factors of F give FᵀF's pairs σ², right vectors),
     so the rank a shared factorisation bought becomes speed, not

@@ -8,8 +8,8 @@ this way can beat updating all of them. This module
 1. scores the *units* of every eligible layer on U, in one jitted forward (and
    backward) pass, for Flax linen and nnx models, without changing their code:
 
-   * :func:`activation_scores`: s_j = | mean over batch (and spatial axes) of y_j |,
-   * :func:`gradient_scores`:   s_j = | mean over batch (and spatial axes) of ∂loss(U)/∂y_j |,
+   * :func:`activation_scores`: s_j = \| mean over batch (and spatial axes) of y_j \|,
+   * :func:`gradient_scores`:   s_j = \| mean over batch (and spatial axes) of ∂loss(U)/∂y_j \|,
 
    with y the layer's output before any activation function (Flax applies
    activations outside the layer, so y is the layer's return value);
@@ -64,7 +64,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _checks
+from . import _checks, _repr
 
 RULES = ("highest", "lowest", "exclusive", "random", "threshold", "magnitude")
 BUDGETS = ("layer", "global")
@@ -77,9 +77,9 @@ KEYED_RULES = ("exclusive", "random", "threshold")
 
 
 def activation_scores(model, variables, inputs, *, layers=None, **apply_kwargs) -> dict:
-    r"""Activation score of every unit: |mean of the layer's output| over the examined data.
+    r"""Activation score of every unit: \|mean of the layer's output\| over the examined data.
 
-    s_j = | mean_{n, spatial} y_{n, …, j} |, y = the layer's return value
+    s_j = \| mean_{n, spatial} y_{n, …, j} \|, y = the layer's return value
     (pre-activation), for every eligible layer, from one jitted forward pass.
     A layer called several times gets the mean of its per-call means.
 
@@ -115,15 +115,15 @@ def activation_scores(model, variables, inputs, *, layers=None, **apply_kwargs) 
 
 def gradient_scores(model, variables, inputs, loss_fn: Callable, *, layers=None,
                     **apply_kwargs) -> dict:
-    r"""Output-gradient score of every unit: |mean of ∂loss/∂(layer output)|.
+    r"""Output-gradient score of every unit: \|mean of ∂loss/∂(layer output)\|.
 
-    s_j = | mean_{n, spatial} ∂loss_fn(model(inputs)) / ∂y_{n, …, j} |, from one
+    s_j = \| mean_{n, spatial} ∂loss_fn(model(inputs)) / ∂y_{n, …, j} \|, from one
     jitted forward and backward pass: zero perturbations are added to every
     eligible layer's output and the loss is differentiated with respect to
     them. A layer called several times gets the mean over its calls.
 
     Args:
-      model, variables, inputs, layers, **apply_kwargs: as in :func:`activation_scores`.
+      model, variables, inputs, layers, \*\*apply_kwargs: as in :func:`activation_scores`.
       loss_fn: ``loss_fn(outputs) -> scalar``, outputs being what the model
         returns (static; reuse one function object so the compiled pass is
         reused). Close over labels, e.g. the mean cross-entropy of U.
@@ -151,7 +151,7 @@ def gradient_scores(model, variables, inputs, loss_fn: Callable, *, layers=None,
 def unit_scores(outputs: Mapping, *, unit_ndim: int = 1) -> dict:
     r"""Unit scores from layer outputs (or output gradients) you captured yourself.
 
-    s_j = | mean over all but the last ``unit_ndim`` axes of y_{…, j} |, the
+    s_j = \| mean over all but the last ``unit_ndim`` axes of y_{…, j} \|, the
     unit axes flattened. This is the reduction :func:`activation_scores` and
     :func:`gradient_scores` apply; use it for models outside Flax.
 
@@ -400,7 +400,7 @@ def select(params, scores, ratio: float, *, rule: str = "highest", key=None, bud
     ``random``     no units: c entries uniformly at random (element level)
     ``magnitude``  no units: ``scores`` is a pytree like ``params`` (e.g.
                    gradients) and the floor(ratio · size(params)) entries with the
-                   largest |score| are selected, over all parameters (global)
+                   largest \|score\| are selected, over all parameters (global)
     =============  ================================================================
 
     **Randomness** comes from ``key`` only: the same key gives the same mask.
@@ -581,6 +581,7 @@ def _key_words(fn, key, rule) -> list:
 # --------------------------------------------------------------------------- report
 
 
+@_repr.compact_repr()
 class LayerReport(NamedTuple):
     """What a mask selects in one scored layer."""
 
@@ -591,6 +592,7 @@ class LayerReport(NamedTuple):
     fraction: float      # parameters / size
 
 
+@_repr.compact_repr()
 class Report(NamedTuple):
     """What a mask selects: per scored layer, and in total."""
 

@@ -15,13 +15,13 @@ step budgets are static). After lineax, a solve has three steps:
 ``operator`` is a :class:`gifjax.operators.LinearOperator`; ``form`` says
 which problem is meant:
 
-=================  =======================================  ==================
-form               problem                                  answer
-=================  =======================================  ==================
-``"symmetric"``    A x = b, A symmetric (the IF / FIF case)  A⁻¹ b (A⁺ b)
-``"least_squares"`` min_x ‖A x − b‖₂ (GIF's update)          A⁺ b
-``"min_norm"``     min ‖x‖ s.t. A x = b (GIF's adjoint)      A⁺ b
-=================  =======================================  ==================
+=================== ========================================  ==============
+form                problem                                   answer
+=================== ========================================  ==============
+``"symmetric"``     A x = b, A symmetric (the IF / FIF case)  A⁻¹ b (A⁺ b)
+``"least_squares"`` min_x ‖A x − b‖₂ (GIF's update)           A⁺ b
+``"min_norm"``      min ‖x‖ s.t. A x = b (GIF's adjoint)      A⁺ b
+=================== ========================================  ==============
 
 The two non-symmetric forms are solved through one *normal system* with the
 factor F (F = A for least squares, F = Aᵀ for minimum norm):
@@ -76,7 +76,7 @@ import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 
-from . import _checks, _tree
+from . import _checks, _repr, _tree
 from ._conv_layout import canonicalize_convolutions
 from .operators import FORMS, LinearOperator
 from .preconditioners import get_preconditioner
@@ -104,6 +104,7 @@ FAILURES = (
 _TRANSPOSED_FORM = {"symmetric": "symmetric", "least_squares": "min_norm", "min_norm": "least_squares"}
 
 
+@_repr.compact_repr(failure=_repr.failure_counts(FAILURES))
 class Solution(NamedTuple):
     """A solver's answer and its diagnostics (all arrays; batched under vmap).
 
@@ -307,12 +308,12 @@ def check_solution(fn: str, sol: Solution) -> Solution:
     if not all(_checks.is_concrete(x) for x in (sol.converged, sol.failure)):
         raise _checks.error(fn, "throw", True, "throw=False inside jit / vmap / grad tracing",
                             "check `solution.converged` instead, or call eagerly to raise.")
-    bad = ~np.asarray(sol.converged)
+    bad = ~_fetch(sol.converged).ravel()
     if np.any(bad):
-        codes = np.asarray(sol.failure).ravel()[np.asarray(bad).ravel()]
+        codes = _fetch(sol.failure).ravel()[bad]
         names = sorted({FAILURES[int(c)] for c in codes})
         raise RuntimeError(f"gifjax.{fn}: the solve did not converge ({', '.join(names)}; "
-                           f"residual norm {np.max(np.asarray(sol.residual_norm))!r}). Fix: raise max_steps, "
+                           f"residual norm {np.max(_fetch(sol.residual_norm))!r}). Fix: raise max_steps, "
                            "add damping, or pick another solver (see 'How to choose a solver' in the README).")
     return sol
 
@@ -329,14 +330,24 @@ HINTS = {
 }
 
 
+def _fetch(x) -> np.ndarray:
+    """``x`` as NumPy; a global array spanning other processes' devices (multi-host
+    ``gifjax.parallel`` results) is gathered first, a collective that every process
+    reaches because they all run the same program (``np.asarray`` refuses such arrays)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
 def warn_failures(fn: str, sol: Solution) -> None:
     """One ``RuntimeWarning`` naming how many solves failed, why, and what to do (outside ``jit`` only)."""
     if not all(_checks.is_concrete(x) for x in (sol.converged, sol.failure)):
         return
-    bad = ~np.asarray(sol.converged).ravel()
+    bad = ~_fetch(sol.converged).ravel()
     if not bad.any():
         return
-    codes = np.asarray(sol.failure).ravel()[bad]
+    codes = _fetch(sol.failure).ravel()[bad]
     names = [FAILURES[c] for c in sorted(set(codes.tolist()))]
     why = ", ".join(f"{name}: {int((codes == FAILURES.index(name)).sum())}" for name in names)
     fix = "; ".join(HINTS[name] for name in names if name in HINTS)
@@ -970,7 +981,10 @@ class LiSSA(Solver):
     small ``scale`` make it diverge, which is detected (‖r_k‖ > 1e4·‖b‖ or a
     non-finite value), the iterate frozen, and ``failure="diverged"`` set.
 
-    Args (static: num_steps, num_power_steps, batch_size; the rest traced):
+    ``num_steps``, ``num_power_steps`` and ``batch_size`` are static; the
+    other fields are traced.
+
+    Args:
       num_steps: fixed iteration budget.
       scale: normaliser; ``None`` → 1.1 × a power-iteration estimate of the
         top eigenvalue of A + λI (``num_power_steps`` extra matvecs, started
@@ -993,12 +1007,19 @@ class LiSSA(Solver):
     batch_size: int | None = None
     key: Any = None
 
-    def solve_symmetric(self, state, b):
+    def _check(self):
         name = "solvers.LiSSA"
         _checks.check_nonnegative(name, "damping", self.damping)
         if self.scale is not None and _checks.is_concrete(self.scale) and not np.all(np.asarray(self.scale) > 0):
             raise _checks.error(name, "scale", repr(self.scale), "a number > 0 (or None: estimated)",
                                 "pass scale=None to estimate it by power iteration, or a positive number.")
+
+    def configure(self, spec, estimator, fn):
+        self._check()  # here too: the estimators call this eagerly, before their compiled program
+        return spec
+
+    def solve_symmetric(self, state, b):
+        self._check()
         A = state.operator
         key = jax.random.key(0) if self.key is None else self.key
         full = lambda v: _tree.axpy(self.damping, v, A(v))
@@ -1012,7 +1033,8 @@ class LiSSA(Solver):
             step_op = lambda v, k: full(v)
         else:
             if A.sample is None:
-                raise _checks.error(name, "batch_size", self.batch_size, "an operator with data to sample",
+                raise _checks.error("solvers.LiSSA", "batch_size", self.batch_size,
+                                    "an operator with data to sample",
                                     "pass the curvature batch as *args (not closed over in loss_fn), "
                                     "or drop batch_size for deterministic LiSSA.")
             step_op = lambda v, k: _tree.axpy(self.damping, v,
@@ -1043,7 +1065,7 @@ def lissa(matvec, b, *, rmatvec=None, form="symmetric", **config) -> Solution:
 
 
 def power_iteration(matvec, like, *, key, num_steps: int = 20):
-    """Estimate the largest |eigenvalue| of a symmetric operator (‖A v_k‖).
+    r"""Estimate the largest \|eigenvalue\| of a symmetric operator (‖A v_k‖).
 
     ``like`` fixes the pytree structure of the vectors; the start is a random
     normal vector from ``key``. Underestimates slightly; callers add margin.

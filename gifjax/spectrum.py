@@ -7,12 +7,12 @@ P C P), both over pytrees:
   reorthogonalisation, Ritz values of the tridiagonal T_m. Both ends of the
   spectrum converge first; m ≈ 2k + 10 steps usually pin the k extremal
   eigenvalues. Each Ritz pair comes with the residual bound
-  |θ − λ| ≤ ‖A y − θ y‖ = |β_m s_{m,i}|.
+  \|θ − λ\| ≤ ‖A y − θ y‖ = \|β_m s_{m,i}\|.
 * **Power (subspace) iteration**: V ← orth(S V) for a k-column block, then a
   Rayleigh–Ritz step. S = A for ``which="magnitude"``, A + σI for
   ``"largest"``, σI − A for ``"smallest"`` (σ ≈ 1.1·‖A‖ by
   :func:`gifjax.solvers.power_iteration`). Converges like
-  |λ_{k+1}/λ_k|^steps of S — slowly where the spectrum is flat; the
+  \|λ_{k+1}/λ_k\|^steps of S — slowly where the spectrum is flat; the
   benchmark against Lanczos.
 
 :func:`negative_rate` gives the fraction of negative eigenvalues among the
@@ -39,7 +39,7 @@ import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 
-from . import _checks, _krylov
+from . import _checks, _krylov, _repr
 from . import masks as _masks
 from . import solvers as _solvers
 from .operators import Estimator, curvature_spec
@@ -51,12 +51,13 @@ EIGENSOLVERS = ("lanczos", "power")
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
+@_repr.compact_repr()
 class Spectrum(NamedTuple):
-    """k eigenvalue estimates with their residual bounds.
+    r"""k eigenvalue estimates with their residual bounds.
 
     Attributes:
       values: [k], ordered by ``which`` (largest first, smallest first, or
-        largest |λ| first).
+        largest \|λ\| first).
       vectors: the eigenvector estimates, a pytree like ``params`` with a
         leading axis k, or ``None`` unless ``return_vectors=True``.
       residuals: [k] ‖A y_i − θ_i y_i‖; for symmetric A some eigenvalue lies
@@ -117,7 +118,7 @@ def eigsh(matvec: Callable, like, *, k: int, which: str = "largest", eigensolver
       like: pytree fixing structure and dtype.
       k: number of eigenvalues (static).
       which: ``"largest"`` (top-k), ``"smallest"`` (bottom-k) or
-        ``"magnitude"`` (largest |λ|) — static.
+        ``"magnitude"`` (largest \|λ\|) — static.
       eigensolver: ``"lanczos"`` (default) or ``"power"`` (subspace iteration) —
         static.
       num_steps: Lanczos steps (default min(dim, 2k + 10), ≤ dim) or power
@@ -139,7 +140,7 @@ def eigsh(matvec: Callable, like, *, k: int, which: str = "largest", eigensolver
     Warning:
       Lanczos with m ≪ dim resolves the ends of the spectrum only; interior
       and clustered eigenvalues need more steps (watch ``residuals``). Power
-      iteration stalls when |λ_{k+1}| ≈ |λ_k|.
+      iteration stalls when \|λ_{k+1}\| ≈ \|λ_k\|.
     """
     fn = "spectrum.eigsh"
     _checks.check_choice(fn, "which", which, WHICH)
@@ -178,7 +179,7 @@ def eigenvalues(loss_fn: Callable, params, *args, k: int, which: str = "largest"
                 return_vectors: bool = False) -> Spectrum:
     r"""k eigenvalues of the curvature C of ``loss_fn`` (or of its target block C_tt).
 
-    C = ∇²loss_fn(params, *args) + λI (or a :class:`gifjax.GGN`); with an
+    C = ∇²loss_fn(params, \*args) + λI (or a :class:`gifjax.GGN`); with an
     element ``mask`` P the operator is P C P on the mask, i.e. the
     eigenvalues of C_tt. Arguments as in :func:`eigsh` and
     :func:`gifjax.influence`.
@@ -199,6 +200,7 @@ def eigenvalues(loss_fn: Callable, params, *args, k: int, which: str = "largest"
                  mask=estimator.mask, return_vectors=return_vectors)
 
 
+@_repr.compact_repr()
 class NegativeRate(NamedTuple):
     """Share of negative eigenvalues among the top-k by magnitude."""
 
@@ -212,7 +214,7 @@ def negative_rate(loss_fn: Callable, params, *args, k: int, mask=None, curvature
                   chunk_size: int | None = None) -> NegativeRate:
     r"""Fraction of negative eigenvalues among the k largest-magnitude eigenvalues of H.
 
-        rate = #{i ≤ k : λ_i < 0} / k,  |λ_1| ≥ |λ_2| ≥ … (of H, or of H_tt with a mask)
+        rate = #{i ≤ k : λ_i < 0} / k,  \|λ_1\| ≥ \|λ_2\| ≥ … (of H, or of H_tt with a mask)
 
     The paper's curvature analysis (Lyu et al. 2024, ~18 % at k = 500 for a
     small cross-entropy MLP): a large rate means H is far from positive
@@ -220,7 +222,7 @@ def negative_rate(loss_fn: Callable, params, *args, k: int, mask=None, curvature
     formulation does not. Arguments as in :func:`eigenvalues`.
 
     Warning:
-      Eigenvalues with |λ| near the k-th largest converge last: use
+      Eigenvalues with \|λ\| near the k-th largest converge last: use
       num_steps ≳ 2k (default 2k + 10) and check ``residuals``.
     """
     spec = eigenvalues(loss_fn, params, *args, k=k, which="magnitude", eigensolver=eigensolver, mask=mask,

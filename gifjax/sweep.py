@@ -59,7 +59,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _checks, _tree
+from . import _checks, _repr, _tree
 from ._chunks import pad_rows
 from .estimators import adjoint_solves, contract
 from .operators import METHODS
@@ -74,6 +74,7 @@ MANIFEST = "manifest.json"
 _CHUNK_RE = re.compile(r"^chunk_(\d{6})\.npz$")
 
 
+@_repr.compact_repr()
 class StreamScores(NamedTuple):
     """Result of :func:`score_stream`.
 
@@ -372,8 +373,8 @@ def score_stream(loss_fn: Callable, params, example_loss_fn: Callable, train_exa
     Δ the estimator chosen by ``method`` (see :mod:`gifjax.influence`); the
     numbers equal :func:`gifjax.influence_scores`. Removing training point i
     of n changes test loss j by ≈ −I[i, j] / n, so the most *positive*
-    scores are the most helpful training examples (``top_*``), the most
-    negative the most harmful (``bottom_*``).
+    scores are the most harmful training examples (removing them lowers the
+    test loss; ``top_*``), the most negative the most helpful (``bottom_*``).
 
     Work and memory: the n_test adjoint solves s_j run first (vmapped, in
     chunks of ``test_chunk_size``); then each training chunk costs one
@@ -430,8 +431,8 @@ def score_stream(loss_fn: Callable, params, example_loss_fn: Callable, train_exa
     one ``RuntimeWarning`` names both when there are any.
 
     Args:
-      loss_fn, params, *args, mask, method, solver, damping, chunk_size,
-        curvature, axis_name, test_chunk_size: as in :func:`gifjax.influence_scores`.
+      loss_fn, params, \*args, mask, method, solver, damping, chunk_size, curvature, axis_name, test_chunk_size:
+        as in :func:`gifjax.influence_scores`.
       example_loss_fn: ``example_loss_fn(params, example) -> scalar`` for one
         example (no batch axis).
       train_examples: a pytree of arrays with a leading axis N (numpy
@@ -508,6 +509,8 @@ def score_stream(loss_fn: Callable, params, example_loss_fn: Callable, train_exa
         size = min(size, n)
         train_spec, num_train_known = _spec(train_examples), n
         source = train_examples
+    _checks.check_example_loss(fn, example_loss_fn, params, first if source is not train_examples
+                               else train_examples, "train_examples")
 
     # One solve per test point, shared by every training chunk.
     sols, lam = adjoint_solves(loss_fn, params, example_loss_fn, test_examples, *args, mask=mask,

@@ -12,6 +12,7 @@ import importlib
 import inspect
 import pathlib
 
+import numpy as np
 import pytest
 
 import gifjax
@@ -154,3 +155,46 @@ def test_influence_is_the_function_and_its_module_is_estimators():
     assert inspect.isfunction(gifjax.influence)
     assert gifjax.influence.__module__ == "gifjax.estimators"
     assert importlib.import_module("gifjax.estimators").influence is gifjax.influence
+
+
+def _results():
+    """Every public NamedTuple in the core: the result types (plus solver state)."""
+    seen = {}
+    for name in PUBLIC:
+        module = importlib.import_module(name)
+        for attr in module.__all__:
+            obj = getattr(module, attr)
+            if inspect.isclass(obj) and issubclass(obj, tuple) and hasattr(obj, "_fields"):
+                seen[f"{obj.__module__}.{obj.__qualname__}"] = obj
+    return sorted(seen.items())
+
+
+def test_result_reprs_are_compact():
+    """Shapes, dtypes and counts, never whole arrays: a result of a real model prints in a few lines."""
+    big, flags = np.arange(200_000.0).reshape(400, 500), np.arange(64) % 4 != 0
+    missing, long = [], []
+    for qualname, cls in _results():
+        if qualname == "gifjax.solvers.SolverState":   # holds the operator and solver, not arrays
+            continue
+        if not getattr(cls, "_compact_repr", False):
+            missing.append(qualname)
+            continue
+        special = {"converged": flags, "failure": np.arange(64) % 8, "value": {"w": big, "b": big[0]},
+                   "delta": {"w": big, "b": big[0]}}
+        values = [special.get(f, big) for f in cls._fields]
+        text = repr(cls(*values))
+        if len(text) > 600 or "array(" in text.lower():
+            long.append(f"{qualname}: {text[:200]}")
+    assert not missing, f"result types without a compact repr: {missing}"
+    assert not long, "\n".join(long)
+
+
+def test_solution_repr_counts_converged_and_failures():
+    from gifjax.solvers import FAILURES, Solution
+    sol = Solution(value={"w": np.zeros((64, 1000), np.float32)}, num_steps=np.zeros(64, np.int32),
+                   num_matvecs=np.zeros(64, np.int32), residual_norm=np.zeros(64, np.float32),
+                   converged=np.arange(64) >= 4,
+                   failure=np.where(np.arange(64) < 3, FAILURES.index("max_steps"),
+                                    np.where(np.arange(64) == 3, FAILURES.index("indefinite"), 0)))
+    assert repr(sol) == ("Solution(value=<dict: 1 array, 64,000 f32>, num_steps=i32[64], num_matvecs=i32[64], "
+                         "residual_norm=f32[64], converged=60/64, failure={max_steps: 3, indefinite: 1})")

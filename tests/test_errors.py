@@ -256,3 +256,44 @@ def test_lowrank_save_then_load_the_same_name(tmp_path, monkeypatch):
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(ValueError, match=r"gifjax\.lowrank\.load: bad `path`: got 'junk\.npz'.*damaged or not an \.npz"):
         lowrank.load("junk", PARAMS)
+
+
+def _pair_loss(p, example):
+    x, y = example
+    return (x @ p["w"] + p["b"] - y) @ (x @ p["w"] + p["b"] - y)
+
+
+def _batch_loss(p, example):  # written for a batch: one loss per row
+    x, y = example
+    return jnp.sum((x @ p["w"] + p["b"] - y) ** 2, axis=-1)
+
+
+Y = jnp.zeros((5, 2))
+
+
+@pytest.mark.parametrize("call_", ["influence_scores", "self_influence", "score_stream"])
+def test_bare_array_examples_name_the_argument_and_the_fix(call_):
+    run = {"influence_scores": lambda e: gifjax.influence_scores(loss, PARAMS, _pair_loss, e, (X, Y), X, damping=1.0),
+           "self_influence": lambda e: gifjax.self_influence(loss, PARAMS, _pair_loss, e, X, damping=1.0),
+           "score_stream": lambda e: sweep.score_stream(loss, PARAMS, _pair_loss, e, (X, Y), X, damping=1.0,
+                                                        progress=False)}[call_]
+    arg = "examples" if call_ == "self_influence" else "train_examples"
+    with pytest.raises(ValueError, match=(rf"(?s)gifjax\.(sweep\.)?{call_}: bad `example_loss_fn`: got ValueError: "
+                                          rf"too many values to unpack.*one example of `{arg}` is float32\[3\].*"
+                                          rf"pass `{arg}=\(x, y\)`, not `x` alone")) as info:
+        run(X)
+    assert isinstance(info.value.__cause__, ValueError)   # the user's own error is chained, not lost
+    run((X, Y))                                           # the right structure runs
+
+
+def test_bare_array_test_examples():
+    with pytest.raises(ValueError, match=r"gifjax\.influence_scores: bad `example_loss_fn`.*one example of `test_examples`"):
+        gifjax.influence_scores(loss, PARAMS, _pair_loss, (X, Y), X, X, damping=1.0)
+
+
+def test_example_loss_written_for_a_batch():
+    with pytest.raises(ValueError, match=(r"(?s)gifjax\.self_influence: bad `example_loss_fn`: got output float32\[1\] "
+                                          r"for one example.*expected a scalar loss per example.*a\[None\]")):
+        gifjax.self_influence(loss, PARAMS, lambda p, e: _batch_loss(p, e)[None], (X, Y), X, damping=1.0)
+    per_row = lambda p, e: _batch_loss(p, jax.tree.map(lambda a: a[None], e))[0]   # the suggested wrapper
+    assert gifjax.self_influence(loss, PARAMS, per_row, (X, Y), X, damping=1.0).shape == (5,)

@@ -263,3 +263,21 @@ def test_indefinite_hessian_is_reported_by_cg():
                            mask=masks.random_mask(jax.random.key(0), problem.params, fraction=0.3))
     assert gif.solution.failure_names() in ("none", "max_steps")
     assert bool(jnp.all(jnp.isfinite(problem.flat(gif.delta))))
+
+
+@pytest.mark.parametrize("solver", ["minres", "lstsq", "block_cg"])
+def test_scores_do_not_depend_on_the_chunk_sizes_when_solves_converge(x64, solver):
+    """Chunking only groups the same solves: converged scores agree to rounding for any chunk size."""
+    problem = make_problem("mlp", x64)
+    train, test = (problem.x[:9], problem.y[:9]), (problem.x[9:16], problem.y[9:16])
+    method = "gif" if solver == "lstsq" else "if"
+    run = lambda tc, rc: gifjax.influence_scores(  # noqa: E731
+        problem.loss, problem.params, problem.example_loss, train, test, problem.x, problem.y,
+        method=method, solver=solver, damping=problem.damping, test_chunk_size=tc, train_chunk_size=rc,
+        return_info=True)
+    reference = run(7, 9)
+    assert bool(jnp.all(reference.solution.converged))
+    for tc, rc in [(1, 2), (3, 4)]:
+        out = run(tc, rc)
+        assert bool(jnp.all(out.solution.converged))
+        assert rel_err(out.scores, reference.scores) < 1e-9, (tc, rc)

@@ -23,7 +23,7 @@ and removing a set U changes it (to first order, additively) by
 **Retraining.** Ground truth needs retrained models, and the library cannot
 guess how you train. You give a *weighted* training objective
 
-    weighted_loss_fn(params, weights, *data) -> scalar,  weights ∈ [0, 1]^n,
+    weighted_loss_fn(params, weights, \*data) -> scalar,  weights ∈ [0, 1]^n,
 
 equal to your training objective when all weights are 1 — normally
 Σ_i w_i ℓ_i / Σ_i w_i + R(θ) (:func:`weighted_objective` builds exactly that

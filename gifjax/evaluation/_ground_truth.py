@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import _checks
+from .. import _checks, _repr
 from ._optimize import Newton
 from ._retrain import Retrained, check_chunk, params_dtype, retrain_map
 from ._statistics import auc, pearson, spearman
@@ -45,6 +45,7 @@ def _unwrap(results):
 # ----------------------------------------------------------------------------- leave-one-out
 
 
+@_repr.compact_repr()
 class LOO(NamedTuple):
     """What :func:`leave_one_out` returns.
 
@@ -169,6 +170,7 @@ def leave_one_out(weighted_loss_fn: Callable, params, scores, removed, example_l
 # ----------------------------------------------------------------------------- LDS
 
 
+@_repr.compact_repr()
 class LDS(NamedTuple):
     """What :func:`linear_datamodeling_score` returns.
 
@@ -271,9 +273,9 @@ def linear_datamodeling_score(weighted_loss_fn: Callable, params, scores,
     θ̂) gives the same score.
 
     Args:
-      weighted_loss_fn, params, scores, example_loss_fn, test_examples,
-        *data, optimizer, chunk_size: as in :func:`leave_one_out`
-        (``scores`` [n, n_test] over all n training examples).
+      weighted_loss_fn, params, example_loss_fn, test_examples, \*data, optimizer, chunk_size:
+        as in :func:`leave_one_out`.
+      scores: as in :func:`leave_one_out` ([n, n_test] over all n training examples).
       num_subsets: M ≥ 2 (static).
       alpha: kept fraction in (0, 1).
       key: ``jax.random.key`` or int seed; subset m uses ``fold_in(key, m)``.
@@ -341,6 +343,7 @@ def linear_datamodeling_score(weighted_loss_fn: Callable, params, scores,
 # ----------------------------------------------------------------------------- mislabels
 
 
+@_repr.compact_repr()
 class MislabelDetection(NamedTuple):
     """What :func:`mislabel_detection` returns.
 
@@ -370,10 +373,10 @@ def mislabel_detection(scores, is_mislabelled, fractions=(0.05, 0.1, 0.2), *,
     −∇ℓ_iᵀ H⁻¹ ∇ℓ_i ≤ 0 (:func:`gifjax.self_influence`): rank by −I[i, i], the
     curvature-weighted gradient norm, large for points the model finds hard
     to fit. Use ``suspicious="high"`` for scores where larger is more
-    suspicious (training loss, |gradient|).
+    suspicious (training loss, \|gradient\|).
 
         AUC = P(s_mislabelled more suspicious than s_clean)  (ties ½)
-        recall@x = |top ⌈x·n⌉ ∩ mislabelled| / |mislabelled|
+        recall@x = \|top ⌈x·n⌉ ∩ mislabelled\| / \|mislabelled\|
 
     Args:
       scores: [n] float, one per training example (concrete).

@@ -22,7 +22,7 @@ class Newton:
     H by ``jax.linearize`` of ∇f at θ_k), use −∇f if d is not a descent
     direction, then θ_{k+1} = θ_k + t d with t the first of 1, ½, ¼, … (at
     most ``max_backtracks`` halvings) meeting Armijo's
-    f(θ_k + t d) ≤ f(θ_k) + 10⁻⁴ t ∇fᵀd (+ a rounding slack of 10 ε |f|).
+    f(θ_k + t d) ≤ f(θ_k) + 10⁻⁴ t ∇fᵀd (+ a rounding slack of 10 ε \|f\|).
     Stops when ‖∇f‖₂ ≤ ``gtol`` or after ``max_steps`` steps.
 
     Fields: ``max_steps`` (static), ``gtol`` (traced; ``None``: 1e-9 in

@@ -8,13 +8,14 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from .. import _checks
+from .. import _checks, _repr
 from .._chunks import map_in_chunks
 from ._optimize import Newton, check_optimizer, default_gtol, minimize
 
 # ----------------------------------------------------------------------------- retraining
 
 
+@_repr.compact_repr()
 class Retrained(NamedTuple):
     """What :func:`retrain` returns (leading axis k: one entry per weight vector).
 
@@ -102,7 +103,7 @@ def retrain(weighted_loss_fn: Callable, init, weights, *data, optimizer=Newton()
             chunk_size: int = 32) -> Retrained:
     r"""Minimise ``weighted_loss_fn(θ, w, *data)`` from ``init`` for every weight vector w.
 
-        θ_w = argmin_θ weighted_loss_fn(θ, w, *data)
+        θ_w = argmin_θ weighted_loss_fn(θ, w, \*data)
 
     by a deterministic full-batch optimiser (:class:`Newton` or
     :class:`LBFGS`), ``jax.vmap``-ed over the rows of ``weights`` and run in

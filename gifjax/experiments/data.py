@@ -42,9 +42,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from gifjax import _checks
+from gifjax import _checks, _repr
 
 
+@_repr.compact_repr()
 class Split(NamedTuple):
     """One split: images ``x`` [N, H, W, C] float32 (normalised) and labels ``y`` [N] int32."""
 
@@ -52,6 +53,7 @@ class Split(NamedTuple):
     y: np.ndarray
 
 
+@_repr.compact_repr()
 class Dataset(NamedTuple):
     """Train / validation / test splits plus what is needed to build a model or undo normalisation.
 

@@ -4,15 +4,15 @@ Five image classifiers, all NHWC in and logits out, built only from
 ``flax.linen`` ``Dense`` / ``Conv`` (and ``BatchNorm`` for the two large
 ones), so :mod:`gifjax.selection` can find their layers by type:
 
-==========  ==============================================================
-``mlp``     flatten → Dense+ReLU per hidden size → Dense
-``cnn``     two 3×3 convs (32, 64; the second stride 2) → global mean →
-            Dense; ~20k parameters, any input size (8×8 digits, 28×28 MNIST)
-``tinynet`` the paper's TinyNet: four 3×3 stride-2 convs 32-64-128-256
-            with ReLU → flatten → Dense
-``vgg11``   CIFAR-style VGG-11 (3×3 conv + BatchNorm + ReLU, max-pooling)
+============ ==============================================================
+``mlp``      flatten → Dense+ReLU per hidden size → Dense
+``cnn``      two 3×3 convs (32, 64; the second stride 2) → global mean →
+             Dense; ~20k parameters, any input size (8×8 digits, 28×28 MNIST)
+``tinynet``  the paper's TinyNet: four 3×3 stride-2 convs 32-64-128-256
+             with ReLU → flatten → Dense
+``vgg11``    CIFAR-style VGG-11 (3×3 conv + BatchNorm + ReLU, max-pooling)
 ``resnet18`` CIFAR-style ResNet-18 (3×3 stem, no stem pooling, BasicBlocks)
-==========  ==============================================================
+============ ==============================================================
 
 Every model is called as ``model.apply(variables, x, train=...)``; ``train``
 only matters for BatchNorm.

@@ -43,7 +43,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from gifjax import METHODS, _checks
+from gifjax import METHODS, _checks, _repr
 
 from .. import data as _data
 from .. import models as _models
@@ -151,6 +151,7 @@ def apply_trigger(x, mean, std, trigger: Trigger = Trigger()) -> np.ndarray:
     return _data.normalize(add_trigger(raw01, unit), mean, std)
 
 
+@_repr.compact_repr()
 class Poisoned(NamedTuple):
     """A poisoned training set and the triggered evaluation sets (:func:`poison`).
 
@@ -198,6 +199,7 @@ def poison(dataset, trigger: Trigger | None = None, *, seed: int = 0) -> Poisone
                     triggered(dataset.test), trigger)
 
 
+@_repr.compact_repr()
 class BackdoorMetrics(NamedTuple):
     """Backdoor metrics (fractions; arrays along a step grid, floats at one step)."""
 
@@ -231,6 +233,7 @@ def evaluate(model, variables, clean, triggered, target: int) -> BackdoorMetrics
     return backdoor_metrics(p(clean), clean.y, p(triggered), triggered.y, target)
 
 
+@_repr.compact_repr()
 class BackdoorResult(NamedTuple):
     """One estimator's backdoor correction; fields as in :class:`~gifjax.experiments.tasks.RemovalResult`."""
 
@@ -335,6 +338,7 @@ def correct_backdoor(model, variables, dataset, poisoned: Poisoned,
                           selected, total, sum(timings.values()), sol.compile_s + compile_g, timings)
 
 
+@_repr.compact_repr()
 class BackdoorExperiment(NamedTuple):
     """Poison, train, retrain on corrected labels, and run several estimators."""
 

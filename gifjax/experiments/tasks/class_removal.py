@@ -48,7 +48,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from gifjax import METHODS, _checks
+from gifjax import METHODS, _checks, _repr
 
 from .. import models as _models
 from .. import train as _train
@@ -56,6 +56,7 @@ from . import common
 from .common import TaskConfig, TrainConfig
 
 
+@_repr.compact_repr()
 class RemovalMetrics(NamedTuple):
     """Class-removal metrics (fractions in [0, 1]; arrays along a step grid, floats at one step)."""
 
@@ -64,6 +65,7 @@ class RemovalMetrics(NamedTuple):
     f1: float         # 2(1 − self)(test) / ((1 − self) + test)
 
 
+@_repr.compact_repr()
 class RemovalResult(NamedTuple):
     """One estimator's class-removal run.
 
@@ -231,6 +233,7 @@ def removal_mask(model, variables, dataset, removed_class: int, config: TaskConf
 # ----------------------------------------------------------------------------- whole experiment
 
 
+@_repr.compact_repr()
 class RemovalExperiment(NamedTuple):
     """Train, retrain without the class, and run several estimators (:func:`run_experiment`).
 

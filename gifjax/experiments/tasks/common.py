@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from gifjax import METHODS, _checks
+from gifjax import METHODS, _checks, _repr
 from gifjax import influence as _influence_fn
 from gifjax import removal_gradient as _removal_gradient
 from gifjax import selection as _selection
@@ -49,7 +49,7 @@ RULES = ("highest", "lowest", "exclusive", "random", "threshold")
 
 @dataclasses.dataclass(frozen=True)
 class TaskConfig:
-    """How one estimator run is set up (a small frozen value; hashable).
+    r"""How one estimator run is set up (a small frozen value; hashable).
 
     Fields:
       method: ``"if"``, ``"pif"``, ``"fif"`` or ``"gif"``.
@@ -59,8 +59,8 @@ class TaskConfig:
       rule: selection rule, one of ``"highest"``, ``"lowest"``,
         ``"exclusive"``, ``"random"``, ``"threshold"``.
       scores: which unit statistic on U ranks the units: ``"outputs"``
-        (|mean pre-activation|, :func:`gifjax.selection.activation_scores`) or
-        ``"gradients"`` (|mean ∂loss(U)/∂output|).
+        (\|mean pre-activation\|, :func:`gifjax.selection.activation_scores`) or
+        ``"gradients"`` (\|mean ∂loss(U)/∂output\|).
       protocol: ``"heldout"`` (Hessian on training data, step chosen on the
         validation split, metrics on test) or ``"paper"`` (the paper's code:
         Hessian on a test batch and step chosen on the test set — a leak,
@@ -285,6 +285,7 @@ def run_compiled(jitted, *args, **static):
     return out, t1 - t0, time.perf_counter() - t1
 
 
+@_repr.compact_repr()
 class SolveOutput(NamedTuple):
     """What :func:`solve` returns (concrete values)."""
 
