@@ -1,9 +1,32 @@
-"""Root conftest: the namespace every docstring example runs in (``--doctest-modules``)."""
+"""Root conftest: the namespace every docstring example runs in (``--doctest-modules``), the suite split."""
+
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+
+def pytest_configure(config):
+    """The default suite (``-m "not slow"``) compiles with XLA's lighter CPU pipeline.
+
+    Its programs are tiny, so its time is compile time, and the lighter pipeline compiles
+    faster; results stay exact to rounding (every tolerance here is relative). The slow suite
+    keeps full optimisation: its notebooks and tasks train and evaluate real models in-process.
+    XLA reads the flags once, when the backend starts (here, before any test module is
+    imported); subprocesses (the demo, benchmarks) do not inherit them.
+    """
+    if (config.option.markexpr or "").strip() != "not slow":
+        return
+    before = os.environ.get("XLA_FLAGS")
+    os.environ["XLA_FLAGS"] = (before or "") + (
+        " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+    jax.devices()
+    if before is None:
+        del os.environ["XLA_FLAGS"]
+    else:
+        os.environ["XLA_FLAGS"] = before
 
 
 @pytest.fixture(autouse=True)
@@ -19,3 +42,66 @@ def _no_global_x64_change(request):
     if bool(jax.config.jax_enable_x64) != before:
         jax.config.update("jax_enable_x64", before)
         pytest.fail(f"{request.node.nodeid} changed jax_enable_x64 for the whole process")
+
+
+# ---------------------------------------------------------------------------- the suite split
+# The default suite (`-m "not slow"`) must stay within 3 minutes on 2 CPU cores; CI runs both.
+# Each entry moves tests to `-m slow` without touching their assertions:
+#   "path::test"              → the whole test (every parametrisation);
+#   ("path::test", {ids})     → its parametrisations except those ids, which stay in the
+#                               default suite as representatives (every estimator, both dtypes,
+#                               both model kinds still appear there).
+SLOW = [
+    # exactness grids: the default suite keeps one representative per estimator / dtype / model
+    ("tests/test_influence.py::test_estimators_match_dense_definitions",
+     {f"mlp-f64-{m}-{s}" for m in ("if", "pif", "fif", "gif") for s in ("dense", "cg", "lstsq")}
+     | {"cnn-f64-gif-lstsq", "cnn-f32-if-cg", "mlp-f32-gif-lstsq", "mlp-f32-fif-dense"}),
+    ("tests/test_influence.py::test_influence_scores_match_dense",
+     {"mlp-f64-if", "mlp-f64-pif", "mlp-f64-fif", "mlp-f64-gif", "mlp-f32-gif", "cnn-f64-if"}),
+    ("tests/test_lowrank.py::test_updates_and_scores_match_the_dense_truncation", {"gif-5", "fif-5"}),
+    ("tests/test_lowrank.py::test_start_at_rhs_is_the_krylov_solver_of_that_rhs", {"gif-reference1"}),
+    ("tests/test_preconditioned.py::test_auto_meets_its_accuracy_target_for_every_estimator",
+     {"f64-indefinite"}),
+    ("tests/test_preconditioned.py::test_preconditioned_masked_estimators_stay_on_the_mask_and_exact",
+     {"gif"}),
+    ("tests/test_preconditioned.py::test_minres_and_pcg_match_the_dense_solve_with_every_preconditioner",
+     {"indefinite"}),
+    ("tests/test_sweep.py::test_stream_equals_dense_matrix", {"gif", "fif", "pif"}),
+    ("tests/test_influence.py::test_scores_do_not_depend_on_the_chunk_sizes_when_solves_converge",
+     {"minres"}),
+    # second-level properties (jit / vmap / derivatives / multi-device) of the checks above
+    "tests/test_lowrank.py::test_jit_vmap_and_no_retrace_on_new_factors",
+    "tests/test_lowrank.py::test_approximation_error_helper",
+    "tests/test_lowrank.py::test_float32_rank_k_matches_dense_truncation",
+    "tests/test_parallel.py::test_sharded_modes_equal_single_device",
+    "tests/test_influence.py::test_self_influence_is_diagonal_of_scores",
+    "tests/test_influence.py::test_stochastic_lissa_approximates_if",
+    "tests/test_influence.py::test_vmap_over_test_points_equals_python_loop",
+    "tests/test_gradients.py::test_influence_scores_and_self_influence_are_differentiable",
+    "tests/test_preconditioned.py::test_preconditioners_cut_steps_on_a_spectrum_with_outliers",
+    "tests/test_preconditioned.py::test_preconditioned_scores_are_differentiable",
+    "tests/test_preconditioned.py::test_block_scores_are_differentiable",
+    "tests/test_preconditioned.py::test_block_cg_needs_fewer_steps_than_vmapped_cg_and_reports_indefinite",
+    "tests/test_group.py::test_matches_the_dense_second_order_expansion",
+    "tests/test_group.py::test_second_order_beats_first_order_against_retraining",
+    # end to end: training, retraining, notebooks
+    "tests/test_notebooks.py::test_notebook_runs",
+    "gifjax/experiments/tasks/class_removal.py::gifjax.experiments.tasks.class_removal",
+    "gifjax/evaluation/_ground_truth.py::gifjax.evaluation._ground_truth.leave_one_out",
+    "gifjax/evaluation/_ground_truth.py::gifjax.evaluation._ground_truth.linear_datamodeling_score",
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    rules = [(rule, None) if isinstance(rule, str) else rule for rule in SLOW]
+    for item in items:
+        base, _, param = item.nodeid.partition("[")
+        for name, keep in rules:
+            if base == name and not (keep and param[:-1] in keep):
+                item.add_marker(pytest.mark.slow)
+    # a renamed test would silently move back into the default suite: fail loudly instead
+    modules = {item.nodeid.partition("::")[0]: item.module for item in items if hasattr(item, "module")}
+    stale = [name for name, _ in rules if name.partition("::")[0] in modules
+             and not hasattr(modules[name.partition("::")[0]], name.partition("::")[2])]
+    if stale:
+        raise pytest.UsageError(f"conftest.SLOW names tests that do not exist: {stale}")

@@ -191,11 +191,14 @@ def _compiled(*static_argnames):
     ``while_loop``) would compile afresh on every call, because every call
     builds new closures; one jitted program compiles once per loss functions,
     method, chunk sizes, solver kind, shapes and dtypes, and a second call
-    only runs it (tiny models: seconds → milliseconds). Inside a caller's
-    ``jit`` / ``vmap`` / ``grad`` / ``shard_map`` it simply inlines. A static
-    value that is not hashable, or an input that is not a pytree of arrays
-    (e.g. a solver class of your own that is not registered as a pytree),
-    runs the body uncompiled, as before.
+    only runs it (tiny models: seconds → milliseconds). Only top-level calls
+    with concrete inputs compile: under a caller's ``jit`` / ``vmap`` /
+    ``grad`` / ``shard_map`` the body runs inline, as do calls with an
+    unhashable static value or an input that is not a pytree of arrays (e.g.
+    a solver class of your own that is not registered as a pytree). A loss
+    that closes over a tracer of an outer transformation (``jax.grad`` of a
+    weight decay captured in ``loss_fn``) cannot be compiled on its own: the
+    body then runs inline too.
     """
 
     def wrap(body):
@@ -203,15 +206,18 @@ def _compiled(*static_argnames):
 
         @functools.wraps(body)
         def call(*args, **kw):
-            dynamic = [args] + [v for k, v in kw.items() if k not in static_argnames]
+            leaves = jax.tree_util.tree_leaves([args] + [v for k, v in kw.items() if k not in static_argnames])
             try:
                 hash(tuple(kw[k] for k in static_argnames))
             except TypeError:
                 return body(*args, **kw)
-            if not all(isinstance(leaf, (jax.Array, np.ndarray, np.generic, int, float, complex))
-                       for leaf in jax.tree_util.tree_leaves(dynamic)):
-                return body(*args, **kw)
-            return jitted(*args, **kw)
+            if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves) or not all(
+                    isinstance(leaf, (jax.Array, np.ndarray, np.generic, int, float, complex)) for leaf in leaves):
+                return body(*args, **kw)  # inside a transformation (or not arrays): inline, as before
+            try:
+                return jitted(*args, **kw)
+            except Exception:  # noqa: BLE001 — e.g. loss_fn closes over a tracer of an outer jax.grad
+                return body(*args, **kw)  # a genuine error is raised again here, uncompiled
 
         return call
 
