@@ -45,7 +45,7 @@ def check_example_loss(fn: str, example_loss_fn, params, examples, arg: str):
     """
     leading_size(fn, arg, examples)
     first = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a)[1:], a.dtype), examples)
-    shapes = jax.tree_util.tree_map(lambda a: f"{np.dtype(a.dtype).name}{list(a.shape)}", first)
+    shapes = lambda tree: jax.tree_util.tree_map(lambda a: f"{np.dtype(a.dtype).name}{list(a.shape)}", tree)  # noqa: E731
     fix = ("write `example_loss_fn(params, example) -> scalar` for ONE example: gifjax vmaps it over "
            f"axis 0 of `{arg}`. For a batch loss use `lambda p, e: batch_loss(p, jax.tree.map(lambda a: "
            f"a[None], e))`; if the loss unpacks `x, y = example`, pass `{arg}=(x, y)`, not `x` alone.")
@@ -53,11 +53,11 @@ def check_example_loss(fn: str, example_loss_fn, params, examples, arg: str):
         out = jax.eval_shape(example_loss_fn, params, first)
     except Exception as e:  # the user's function failed on what gifjax passes it: say what that was
         raise error(fn, "example_loss_fn", f"{type(e).__name__}: {e}".splitlines()[0][:300],
-                    f"a function of (params, example) where one example of `{arg}` is {shapes}", fix) from e
+                    f"a function of (params, example) where one example of `{arg}` is {shapes(first)}",
+                    fix) from e
     leaves = jax.tree_util.tree_leaves(out)
     if len(leaves) != 1 or leaves[0].shape != ():
-        got = jax.tree_util.tree_map(lambda a: f"{np.dtype(a.dtype).name}{list(a.shape)}", out)
-        raise error(fn, "example_loss_fn", f"output {got} for one example {shapes} of `{arg}`",
+        raise error(fn, "example_loss_fn", f"output {shapes(out)} for one example {shapes(first)} of `{arg}`",
                     "a scalar loss per example", fix)
 
 

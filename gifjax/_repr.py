@@ -19,6 +19,8 @@ import reprlib
 import jax
 import numpy as np
 
+from . import _checks
+
 _DTYPE_PREFIX = (("bfloat", "bf"), ("float", "f"), ("uint", "u"), ("int", "i"), ("complex", "c"))
 _short = reprlib.Repr()
 _short.maxstring, _short.maxother, _short.maxlist, _short.maxtuple, _short.maxdict = 60, 60, 6, 6, 4
@@ -39,7 +41,7 @@ def _is_array(x) -> bool:
 
 def _concrete(x) -> bool:
     """Values can be read: not a tracer, and on this process's devices."""
-    return not isinstance(x, jax.core.Tracer) and getattr(x, "is_fully_addressable", True)
+    return _checks.is_concrete(x) and getattr(x, "is_fully_addressable", True)
 
 
 def describe(x) -> str:

@@ -216,8 +216,10 @@ def _compiled(*static_argnames):
                 return body(*args, **kw)  # inside a transformation (or not arrays): inline, as before
             try:
                 return jitted(*args, **kw)
-            except Exception:  # noqa: BLE001 — e.g. loss_fn closes over a tracer of an outer jax.grad
-                return body(*args, **kw)  # a genuine error is raised again here, uncompiled
+            except (TypeError, jax.errors.UnexpectedTracerError):
+                # loss_fn closes over a tracer of an outer jax.grad / vmap: run inline (a genuine
+                # TypeError is raised again there). Other errors (XLA runtime, OOM) are not retried.
+                return body(*args, **kw)
 
         return call
 

@@ -509,8 +509,8 @@ def score_stream(loss_fn: Callable, params, example_loss_fn: Callable, train_exa
         size = min(size, n)
         train_spec, num_train_known = _spec(train_examples), n
         source = train_examples
-    _checks.check_example_loss(fn, example_loss_fn, params, first if source is not train_examples
-                               else train_examples, "train_examples")
+    _checks.check_example_loss(fn, example_loss_fn, params,  # a stream: on its first chunk
+                               first if _is_stream(train_examples) else train_examples, "train_examples")
 
     # One solve per test point, shared by every training chunk.
     sols, lam = adjoint_solves(loss_fn, params, example_loss_fn, test_examples, *args, mask=mask,
