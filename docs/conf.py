@@ -78,6 +78,7 @@ gifjax_api_modules = [
     "gifjax.masks",
     "gifjax.selection",
     "gifjax.lowrank",
+    "gifjax.stepping",
     "gifjax.spectrum",
     "gifjax.group",
     "gifjax.sweep",

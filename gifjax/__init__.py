@@ -24,6 +24,7 @@ from . import preconditioners as preconditioners
 from . import selection as selection
 from . import solvers as solvers
 from . import spectrum as spectrum
+from . import stepping as stepping
 from . import sweep as sweep
 from .curvature import GGN as GGN
 from .curvature import batched_hvp as batched_hvp
@@ -51,6 +52,8 @@ from .operators import curvature_operator as curvature_operator
 from .operators import hessian_operator as hessian_operator
 from .operators import resolve_damping as resolve_damping
 from .solvers import Solution as Solution
+from .stepping import StepSearch as StepSearch
+from .stepping import step_search as step_search
 
 __version__ = "0.1.0"
 
@@ -59,4 +62,5 @@ __all__ = ["AutoDamping", "Curvature", "Estimator", "GGN", "GroupInfluence", "In
            "evaluation", "ggn_product", "group_influence", "hessian_operator", "hutchinson_trace", "hvp",
            "influence", "influence_scores", "linearize_ggn", "linearize_hvp", "lowrank", "masked_hvp",
            "masks", "mixed_precision", "operators", "parallel", "preconditioners", "removal_gradient", "resolve_damping",
-           "selection", "self_influence", "solvers", "spectrum", "sweep"]
+           "selection", "self_influence", "solvers", "spectrum", "sweep",
+           "StepSearch", "step_search", "stepping"]

@@ -36,9 +36,10 @@ Example:
     >>> def loss(w, X, y):
     ...     z = X @ w
     ...     return jnp.mean(jnp.logaddexp(0.0, z) - y * z) + 0.05 * w @ w
+    >>> newton = jax.jit(lambda w: w - jnp.linalg.solve(jax.hessian(loss)(w, X, y), jax.grad(loss)(w, X, y)))
     >>> w = jnp.zeros(3)
-    >>> for _ in range(50):  # Newton to the optimum
-    ...     w = w - jnp.linalg.solve(jax.hessian(loss)(w, X, y), jax.grad(loss)(w, X, y))
+    >>> for _ in range(20):  # Newton to the optimum
+    ...     w = newton(w)
     >>> out = gifjax.group_influence(loss, w, (X[:8], y[:8]), X, y, solver="dense")
     >>> out.delta.shape, float(out.fraction)
     ((3,), 0.2)

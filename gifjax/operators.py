@@ -218,7 +218,7 @@ def _damp(op: Callable, lam) -> Callable:
 # ----------------------------------------------------------------------------- the curvature spec
 
 
-@_tree.pytree_dataclass(static=("ggn", "chunk_size", "axis_name", "conv_layout"))
+@_tree.pytree_dataclass(static=("ggn", "chunk_size", "axis_name", "conv_layout", "subsample"))
 class Curvature:
     r"""Which curvature, and how to take its products: ``spec.resolve(loss_fn, params, *args)``.
 
@@ -241,6 +241,15 @@ class Curvature:
         reduced values).
       conv_layout: rewrite convolutions for XLA:CPU where the operator enters
         a solver loop (default ``True``; see ``gifjax._conv_layout``).
+      subsample: if set (static), C is the curvature on a fixed random subset
+        of ``subsample`` examples of ``args`` (drawn without replacement from
+        ``jax.random.key(0)``; all of them when there are fewer): every
+        product, the sampled ones and :class:`AutoDamping`'s trace cost that
+        many examples instead of n. Each product's cost is proportional to the
+        examples it averages over, so this is the knob that makes a solve on a
+        large training set affordable; a few hundred examples are usually
+        enough for a curvature estimate (Koh & Liang 2017; Lyu et al. 2024 use
+        subsets), and ``subsample`` larger than n changes nothing.
 
     The public functions build this value from their ``curvature``,
     ``damping``, ``chunk_size`` and ``axis_name`` keywords; pass a
@@ -259,6 +268,7 @@ class Curvature:
     chunk_size: int | None = None
     axis_name: str | None = None
     conv_layout: bool = True
+    subsample: int | None = None
 
     @property
     def kind(self) -> str:
@@ -276,10 +286,12 @@ class Curvature:
                                     "drop chunk_size (GGN products are linearised over the whole batch), "
                                     "or use curvature='hessian'.")
         changes = {}
-        if self.chunk_size is not None:
-            size = _checks.check_positive_int(fn, "chunk_size", self.chunk_size, example="chunk_size=256")
-            if type(self.chunk_size) is not int:  # NumPy integers are normalised (a static field)
-                changes["chunk_size"] = size
+        for field, example in (("chunk_size", "chunk_size=256"), ("subsample", "Curvature(subsample=512)")):
+            value = getattr(self, field)
+            if value is not None:
+                size = _checks.check_positive_int(fn, field, value, example=example)
+                if type(value) is not int:  # NumPy integers are normalised (a static field)
+                    changes[field] = size
         damping = _check_damping(fn, self.damping)
         if damping is not self.damping:
             changes["damping"] = damping
@@ -287,6 +299,7 @@ class Curvature:
 
     def undamped(self, loss_fn: Callable, params, *args) -> tuple[Callable, Callable | None]:
         """(v ↦ C v, sample) without damping; ``sample(key, size)`` gives minibatch products."""
+        args = self.subsampled(args)
         if self.ggn is None:
             if self.chunk_size is None:
                 full = _curv.linearize_hvp(loss_fn, params, *args)
@@ -309,6 +322,16 @@ class Curvature:
                 return reduce(lambda v: product(v, *sub))
 
         return reduce(full), sample
+
+    def subsampled(self, args):
+        """``args`` restricted to the fixed random subset of :attr:`subsample` examples (or all)."""
+        if self.subsample is None or not jax.tree_util.tree_leaves(args):
+            return args
+        n = _curv.batch_size_of("operators.Curvature.resolve", args)
+        if self.subsample >= n:
+            return args
+        idx = jax.random.choice(jax.random.key(0), n, (self.subsample,), replace=False)
+        return tree_map(lambda a: a[idx], args)
 
     def resolve(self, loss_fn: Callable, params, *args, trace_mask=None) -> LinearOperator:
         """The damped operator C_λ at ``params`` on data ``args`` (symmetric; PSD tag for a GGN).

@@ -266,20 +266,31 @@ def _differentiable_solve(solver: Solver, state: SolverState, b, *, many: bool =
                                      else (solver.solve_symmetric, solver.solve_normal))
     op = state.operator
     if state.form == "symmetric":
-        solve = lambda _, rhs: _split(symmetric_solve(state, rhs))
-        x, aux = jax.lax.custom_linear_solve(lift(op.matvec), b, solve, symmetric=True, has_aux=True)
+        x, aux = _symmetric_linear_solve(lift(op.matvec), b, lambda rhs: _split(symmetric_solve(state, rhs)))
         return aux._replace(value=x)
     F = state.factor
     N = lift(normal_operator(F).matvec)
-    solve = lambda _, rhs: _split(normal_solve(state, rhs))
+    solve = lambda rhs: _split(normal_solve(state, rhs))
     apply_F, apply_Ft = (None if h is None else lift(h) for h in solver.factor_hints(state))
     if state.form == "least_squares":
         c, extra = _apply(lift(F.transpose_matvec), apply_Ft, b)
-        x, aux = jax.lax.custom_linear_solve(N, c, solve, symmetric=True, has_aux=True)
+        x, aux = _symmetric_linear_solve(N, c, solve)
     else:
-        z, aux = jax.lax.custom_linear_solve(N, b, solve, symmetric=True, has_aux=True)
+        z, aux = _symmetric_linear_solve(N, b, solve)
         x, extra = _apply(lift(F.matvec), apply_F, z)
     return aux._replace(value=x, num_matvecs=aux.num_matvecs + extra)
+
+
+def _symmetric_linear_solve(matvec: Callable, b, solve: Callable):
+    """``lax.custom_linear_solve`` for a symmetric ``matvec``, tracing ``solve(b) → (x, aux)`` once.
+
+    For a symmetric operator JAX traces ``solve`` a second time as its own
+    transpose; a Krylov loop is the bulk of a program's tracing time, so it is
+    traced here once (``closure_convert``) and both uses replay that jaxpr.
+    """
+    once, consts = jax.closure_convert(solve, b)
+    replay = lambda _, rhs: once(rhs, *consts)
+    return jax.lax.custom_linear_solve(matvec, b, replay, symmetric=True, has_aux=True)
 
 
 def _apply(fn: Callable, hint: Callable | None, v):

@@ -281,3 +281,27 @@ def test_scores_do_not_depend_on_the_chunk_sizes_when_solves_converge(x64, solve
         out = run(tc, rc)
         assert bool(jnp.all(out.solution.converged))
         assert rel_err(out.scores, reference.scores) < 1e-9, (tc, rc)
+
+
+def test_curvature_subsample_is_the_curvature_of_a_fixed_subset(x64):
+    problem = make_problem("mlp", x64)
+    g = removal_grad(problem)
+    n, k = problem.x.shape[0], 7
+    spec = gifjax.Curvature(subsample=k, damping=problem.damping)
+    sub_x, sub_y = spec.subsampled((problem.x, problem.y))
+    rows = [int(np.flatnonzero((np.asarray(problem.x) == np.asarray(r)).all(1))[0]) for r in sub_x]
+    assert len(set(rows)) == k and np.array_equal(np.asarray(problem.y)[rows], np.asarray(sub_y))
+    # a fixed subset: the same every call, and the operator is exactly that subset's Hessian
+    assert np.array_equal(np.asarray(spec.subsampled((problem.x, problem.y))[0]), np.asarray(sub_x))
+    kw = dict(method="gif", solver="dense", mask=masks.random_mask(jax.random.key(1), problem.params, fraction=0.5))
+    got = gifjax.influence(problem.loss, problem.params, g, problem.x, problem.y, curvature=spec, **kw)
+    want = gifjax.influence(problem.loss, problem.params, g, sub_x, sub_y, damping=problem.damping, **kw)
+    chex.assert_trees_all_close(got.delta, want.delta, rtol=1e-10)
+    # larger than the data: all of it
+    everything = gifjax.influence(problem.loss, problem.params, g, problem.x, problem.y,
+                                  curvature=gifjax.Curvature(subsample=n + 5, damping=problem.damping), **kw)
+    full = gifjax.influence(problem.loss, problem.params, g, problem.x, problem.y, damping=problem.damping, **kw)
+    chex.assert_trees_all_close(everything.delta, full.delta, rtol=1e-12)
+    with pytest.raises(ValueError, match="subsample"):
+        gifjax.influence(problem.loss, problem.params, g, problem.x, problem.y,
+                         curvature=gifjax.Curvature(subsample=0))

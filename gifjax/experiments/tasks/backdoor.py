@@ -43,7 +43,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from gifjax import METHODS, _checks, _repr
+from gifjax import METHODS, _checks, _repr, stepping
 
 from .. import data as _data
 from .. import models as _models
@@ -323,18 +323,18 @@ def correct_backdoor(model, variables, dataset, poisoned: Poisoned,
         return backdoor_metrics(p(clean), clean.y, p(triggered), triggered.y, target)
 
     t0 = time.perf_counter()
-    direction, norm = common.unit_direction(sol.delta)
+    direction, norm = stepping.unit_direction(sol.delta)
     steps = config.grid()
     if config.protocol == "paper":
         curve = along(dataset.test, poisoned.test_triggered)
     else:
         curve = along(dataset.val, poisoned.val_triggered)
-    k = common.best_index(curve.f1)
+    k = stepping.best_index(curve.f1, maximize=True)
     timings["search"] = time.perf_counter() - t0
     test_curve = curve if config.protocol == "paper" else along(dataset.test, poisoned.test_triggered)
     at = BackdoorMetrics(*(float(np.asarray(v)[k]) for v in test_curve))
     return BackdoorResult(config.method, config, at, float(steps[k]), steps, curve, test_curve,
-                          sol.num_hvps, sol.converged, sol.failure, sol.residual_norm, norm,
+                          sol.num_hvps, sol.converged, sol.failure, sol.residual_norm, float(norm),
                           selected, total, sum(timings.values()), sol.compile_s + compile_g, timings)
 
 

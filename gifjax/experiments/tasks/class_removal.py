@@ -7,13 +7,14 @@ n examples and a class c with m training examples U:
    group-removal scaling for a Hessian of the remaining data);
 2. Δ from the estimator (``if`` / ``pif`` / ``fif`` / ``gif``), with the
    target parameters chosen by a selection rule on U's unit scores;
-3. d = Δ / ‖Δ‖, and a step search over θ̂ + s·d, s on a fixed grid
-   (:class:`~gifjax.experiments.tasks.TaskConfig` ``max_step``, ``num_steps``; s = 0 is
-   the original model);
+3. d = Δ / ‖Δ‖ (:func:`gifjax.stepping.unit_direction`), and a step search
+   over θ̂ + s·d, s on a fixed grid (:class:`~gifjax.experiments.tasks.TaskConfig`
+   ``max_step``, ``num_steps``; s = 0 is the original model);
 4. at each step: **self-acc** = accuracy on images of class c (lower is
    better), **test-acc** = accuracy on the other classes, and
    **F1** = 2(1 − self)(test) / ((1 − self) + test); the step with the best
-   F1 is kept.
+   F1 is kept (:func:`gifjax.stepping.best_index`: non-finite F1 never wins,
+   ties go to the smallest step).
 
 Protocols (``config.protocol``):
 
@@ -48,7 +49,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from gifjax import METHODS, _checks, _repr
+from gifjax import METHODS, _checks, _repr, stepping
 
 from .. import models as _models
 from .. import train as _train
@@ -194,12 +195,12 @@ def remove_class(model, variables, dataset, removed_class: int, config: TaskConf
     timings["solve"] = sol.time_s
 
     t0 = time.perf_counter()
-    direction, norm = common.unit_direction(sol.delta)
+    direction, norm = stepping.unit_direction(sol.delta)
     steps = config.grid()
     pick = common.split_for_protocol(dataset, config.protocol)
     curve = removal_metrics(common.predictions_along(model, variables, direction, steps, pick.x),
                             pick.y, removed_class)
-    k = common.best_index(curve.f1)
+    k = stepping.best_index(curve.f1, maximize=True)
     timings["search"] = time.perf_counter() - t0
     # Reporting, not part of the method (not timed): the test metrics along the grid.
     test_curve = curve if config.protocol == "paper" else removal_metrics(
@@ -207,7 +208,7 @@ def remove_class(model, variables, dataset, removed_class: int, config: TaskConf
         dataset.test.y, removed_class)
     at = RemovalMetrics(*(float(np.asarray(v)[k]) for v in test_curve))
     return RemovalResult(config.method, config, at, float(steps[k]), steps, curve, test_curve,
-                         sol.num_hvps, sol.converged, sol.failure, sol.residual_norm, norm,
+                         sol.num_hvps, sol.converged, sol.failure, sol.residual_norm, float(norm),
                          selected, total, sum(timings.values()), sol.compile_s + compile_g, timings)
 
 

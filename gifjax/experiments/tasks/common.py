@@ -6,7 +6,10 @@
 * :func:`solve` — one jitted influence solve (any estimator), compiled ahead
   of time so its compile time and its run time are reported apart;
 * :func:`predictions_along` — class predictions at θ + s·d for every step s of
-  a grid, jitted (``lax.map`` over the steps, fixed-size batches of inputs);
+  a grid (:func:`gifjax.stepping.along`: one jitted program, ``lax.map`` over
+  the steps; fixed-size batches of inputs); the direction d = Δ/‖Δ‖ and the
+  choice of the step (best F1, ties to the smallest step) are
+  :func:`gifjax.stepping.unit_direction` and :func:`gifjax.stepping.best_index`;
 * :func:`selection_mask` — unit scores on the examined data U → element mask;
 * :func:`removal_grad` / :func:`relabel_grad` — the right-hand sides g;
 * :func:`split_for_protocol` — which split the step is chosen on.
@@ -26,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +41,7 @@ from gifjax import influence as _influence_fn
 from gifjax import removal_gradient as _removal_gradient
 from gifjax import selection as _selection
 from gifjax import solvers as _solvers
+from gifjax import stepping as _stepping
 
 from .. import models as _models
 from .. import train as _train
@@ -345,41 +349,32 @@ def relabel_grad(variables, x_u, y_from, y_to, *, model, num_train):
     return jax.tree_util.tree_map(lambda a: a * (m / num_train), grad)
 
 
-@jax.jit
-def _normalise(delta):
-    norm = jnp.sqrt(sum(jnp.vdot(d, d).real for d in jax.tree_util.tree_leaves(delta)))
-    safe = jnp.where(jnp.isfinite(norm) & (norm > 0), norm, jnp.inf)  # 0 or non-finite → d = 0
-    return jax.tree_util.tree_map(lambda d: d / safe, delta), norm
-
-
-def unit_direction(delta):
-    """``(delta / ‖delta‖, ‖delta‖)``, the norm over all leaves; a zero direction if ‖delta‖ is 0."""
-    direction, norm = _normalise(delta)
-    return direction, float(norm)
-
-
 # ----------------------------------------------------------------------------- the step grid
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
-def _predict_grid(variables, direction, steps, x, *, model):
-    params, rest = _models.split_variables(variables)
+class _ClassPredictions(NamedTuple):
+    """``argmax`` of the eval-mode logits of ``model`` at ``params``: the function stepped along.
 
-    def at(s):
-        moved = jax.tree_util.tree_map(lambda p, d: p + s * d, params, direction)
-        return jnp.argmax(model.apply({"params": moved, **rest}, x, train=False), -1)
+    A value-hashable callable (equal for equal models), so
+    :func:`gifjax.stepping.along` compiles once per model and batch shape and
+    every later call, with any direction and grid, reuses that program.
+    ``rest`` holds the other variable collections (BatchNorm's
+    ``batch_stats``), passed as data: BatchNorm runs in eval mode.
+    """
 
-    # lax.map, not vmap: vmapping over the kernels turns every convolution into
-    # a grouped one, which XLA:CPU runs ~5x slower than a loop of plain ones.
-    return jax.lax.map(at, steps)
+    model: Any
+
+    def __call__(self, params, rest, x):
+        return jnp.argmax(self.model.apply({"params": params, **rest}, x, train=False), -1)
 
 
 def predictions_along(model, variables, direction, steps, x, *, batch_size: int = 512) -> np.ndarray:
     """Predicted classes at θ + s·d for every s in ``steps``: int array [len(steps), len(x)].
 
-    One jitted program per input batch evaluates every step (``lax.map``
-    over steps); inputs go in fixed-size batches (the last padded), so one
-    compile serves any number of inputs. BatchNorm models run in eval mode.
+    :func:`gifjax.stepping.along` per input batch: one jitted program
+    evaluates every step (``lax.map`` over steps); inputs go in fixed-size
+    batches (the last padded), so one compile serves any number of inputs,
+    directions and grids of one length. BatchNorm models run in eval mode.
 
     Example:
       >>> import numpy as np, jax
@@ -390,16 +385,12 @@ def predictions_along(model, variables, direction, steps, x, *, batch_size: int 
       >>> predictions_along(m, v, d, np.array([0.0, 1.0]), np.ones((5, 4), np.float32)).shape
       (2, 5)
     """
+    params, rest = _models.split_variables(variables)
     steps = jnp.asarray(steps, jnp.float32)
-    out = [_predict_grid(variables, direction, steps, batch, model=model)
+    predict = _ClassPredictions(model)
+    out = [_stepping.along(predict, params, direction, steps, rest, batch)
            for batch in _train.fixed_batches(x, batch_size)]
     return np.concatenate([np.asarray(o) for o in out], axis=1)[:, :len(x)]
-
-
-def best_index(score) -> int:
-    """Index of the largest finite score (the first, i.e. the smallest step, on ties)."""
-    score = np.where(np.isfinite(score), score, -np.inf)
-    return int(np.argmax(score))
 
 
 def timed(fn, *args, **kwargs):
@@ -428,7 +419,7 @@ def compare_estimators(net, variables, methods, config, splits, *, make_mask, ru
     if any(m != "if" for m in methods):
         mask = make_mask(dataclasses.replace(config, method="gif"))[0]
     selection_s = time.perf_counter() - t0
-    zero = unit_direction(jax.tree_util.tree_map(jnp.zeros_like, variables["params"]))[0]
+    zero = _stepping.unit_direction(jax.tree_util.tree_map(jnp.zeros_like, variables["params"]))[0]
     for split in splits:
         predictions_along(net, variables, zero, config.grid(), split.x)
     runs = []
