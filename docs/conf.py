@@ -79,6 +79,7 @@ gifjax_api_modules = [
     "gifjax.selection",
     "gifjax.lowrank",
     "gifjax.stepping",
+    "gifjax.diagnostics",
     "gifjax.spectrum",
     "gifjax.group",
     "gifjax.sweep",

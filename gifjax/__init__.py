@@ -14,6 +14,7 @@ The end-to-end pieces (data, models, training, the paper's tasks, the demo)
 live in :mod:`gifjax.experiments`; the core never imports them.
 """
 
+from . import diagnostics as diagnostics
 from . import estimators as estimators
 from . import evaluation as evaluation
 from . import lowrank as lowrank
@@ -35,6 +36,8 @@ from .curvature import linearize_ggn as linearize_ggn
 from .curvature import linearize_hvp as linearize_hvp
 from .curvature import masked_hvp as masked_hvp
 from .curvature import mixed_precision as mixed_precision
+from .diagnostics import ScoreCheck as ScoreCheck
+from .diagnostics import check_scores as check_scores
 from .estimators import Influence as Influence
 from .estimators import Scores as Scores
 from .estimators import adjoint_solve as adjoint_solve
@@ -63,4 +66,4 @@ __all__ = ["AutoDamping", "Curvature", "Estimator", "GGN", "GroupInfluence", "In
            "influence", "influence_scores", "linearize_ggn", "linearize_hvp", "lowrank", "masked_hvp",
            "masks", "mixed_precision", "operators", "parallel", "preconditioners", "removal_gradient", "resolve_damping",
            "selection", "self_influence", "solvers", "spectrum", "sweep",
-           "StepSearch", "step_search", "stepping"]
+           "StepSearch", "step_search", "stepping", "ScoreCheck", "check_scores", "diagnostics"]

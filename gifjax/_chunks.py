@@ -34,12 +34,14 @@ def pad_rows(tree, size: int):
 
 
 def map_in_chunks(fn: Callable, xs, chunk_size: int, *, caller: str = "map_in_chunks",
-                  arg: str = "xs"):
+                  arg: str = "xs", with_valid: bool = False):
     """Apply a batched ``fn`` to ``xs`` (leading axis n) in fixed-size chunks.
 
     ``fn`` maps a pytree with leading axis ``chunk_size`` to outputs with the
     same leading axis. The chunks run under ``lax.map`` (one compile); the last
-    chunk is padded (:func:`pad_rows`) and the padding trimmed.
+    chunk is padded (:func:`pad_rows`) and the padding trimmed. With
+    ``with_valid``, ``fn(chunk, valid)`` also gets the chunk's boolean row
+    mask (False on padding), e.g. to count only real rows.
     """
     chunk_size = _checks.check_positive_int(caller, "chunk size", chunk_size, example="test_chunk_size=16")
     n = _checks.leading_size(caller, arg, xs) if jax.tree_util.tree_leaves(xs) else 0
@@ -50,5 +52,9 @@ def map_in_chunks(fn: Callable, xs, chunk_size: int, *, caller: str = "map_in_ch
     num = -(-n // chunk)
     padded = pad_rows(xs, num * chunk)
     stacked = tree_map(lambda a: a.reshape((num, chunk) + a.shape[1:]), padded)
-    out = jax.lax.map(fn, stacked)
+    if with_valid:
+        valid = (jnp.arange(num * chunk) < n).reshape(num, chunk)
+        out = jax.lax.map(lambda c: fn(*c), (stacked, valid))
+    else:
+        out = jax.lax.map(fn, stacked)
     return tree_map(lambda a: a.reshape((num * chunk,) + a.shape[2:])[:n], out)

@@ -68,7 +68,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _checks, _repr, _tree
+from . import _checks, _progress, _repr, _tree
 from . import curvature as _curv
 from ._chunks import map_in_chunks
 from .operators import METHODS, Estimator, Problem, curvature_spec
@@ -363,7 +363,8 @@ class Adjoints(NamedTuple):
 def adjoint_solves(loss_fn: Callable, params, example_loss_fn: Callable, test_examples, *args,
                    mask=None, method: str = "if", solver="auto", damping=0.0,
                    chunk_size: int | None = None, curvature="hessian", axis_name: str | None = None,
-                   test_chunk_size: int = 16, fn: str = "adjoint_solves") -> Adjoints:
+                   test_chunk_size: int = 16, progress: bool | None = None,
+                   fn: str = "adjoint_solves") -> Adjoints:
     """The adjoint vectors s_j = Δᵀ∇ℓ(test_j) of many test examples: one shared set-up.
 
     The solver is initialised once; the solves run vmapped in chunks of
@@ -373,18 +374,26 @@ def adjoint_solves(loss_fn: Callable, params, example_loss_fn: Callable, test_ex
     _checks.check_example_loss(fn, example_loss_fn, params, test_examples, "test_examples")
     solver, spec = _checked(fn, loss_fn, params, args, mask=mask, method=method, solver=solver,
                             curvature=curvature, damping=damping, chunk_size=chunk_size, axis_name=axis_name)
-    return _adjoint_solves(params, test_examples, args, mask, solver, spec, loss_fn=loss_fn,
-                           example_loss_fn=example_loss_fn, method=method, test_chunk_size=test_chunk_size,
-                           fn=fn)
+    emit, show = _progress.wanted(progress, fn, params, test_examples, args)
+    with _progress.bar(fn, _progress.chunks(_checks.leading_size(fn, "test_examples", test_examples),
+                                            test_chunk_size), show):
+        return _adjoint_solves(params, test_examples, args, mask, solver, spec, loss_fn=loss_fn,
+                               example_loss_fn=example_loss_fn, method=method, test_chunk_size=test_chunk_size,
+                               progress=emit, fn=fn)
 
 
-@_compiled("loss_fn", "example_loss_fn", "method", "test_chunk_size", "fn")
+@_compiled("loss_fn", "example_loss_fn", "method", "test_chunk_size", "progress", "fn")
 def _adjoint_solves(params, test_examples, args, mask, solver, spec, *, loss_fn, example_loss_fn, method,
-                    test_chunk_size, fn) -> Adjoints:
+                    test_chunk_size, progress, fn) -> Adjoints:
     s = setup(loss_fn, params, *args, mask=mask, method=method, solver=solver, curvature=spec, adjoint=True,
               fn=fn)
-    sols = map_in_chunks(lambda chunk: _solve_visibly(s, _example_grads(example_loss_fn, params, chunk)),
-                         test_examples, test_chunk_size, caller=fn, arg="test_examples")
+
+    def chunk(batch, valid):
+        sol = _solve_visibly(s, _example_grads(example_loss_fn, params, batch))
+        _progress.report(sol.converged, valid, progress)
+        return sol
+
+    sols = map_in_chunks(chunk, test_examples, test_chunk_size, caller=fn, arg="test_examples", with_valid=True)
     return Adjoints(sols, s.damping)
 
 
@@ -430,7 +439,8 @@ def influence_scores(loss_fn: Callable, params, example_loss_fn: Callable, train
                      test_examples, *args, mask=None, method: str = "if", solver="auto",
                      damping=0.0, chunk_size: int | None = None, test_chunk_size: int = 16,
                      train_chunk_size: int = 256, return_info: bool = False,
-                     curvature="hessian", axis_name: str | None = None, throw: bool = False):
+                     curvature="hessian", axis_name: str | None = None, throw: bool = False,
+                     progress: bool | None = None):
     r"""Influence of each training example on each test example, [n_train, n_test].
 
         I[i, j] = −∇ℓ(test_j)ᵀ Δ(∇ℓ(train_i)),
@@ -462,6 +472,12 @@ def influence_scores(loss_fn: Callable, params, example_loss_fn: Callable, train
         it. The training and test examples stay this device's own: the
         result is their local block. :func:`gifjax.parallel.influence_scores`
         does the sharding for you.
+      progress: a tqdm bar on stderr over the test chunks, with the number
+        of converged queries so far. ``None`` (default): shown outside
+        ``jit`` / ``vmap`` / ``grad`` when there is more than one chunk,
+        unless the environment variable ``GIFJAX_PROGRESS=0``; ``False``:
+        never. The program reports each finished chunk through
+        ``jax.debug.callback`` (only when a bar is wanted).
 
     Failed solves are never silent: outside ``jit`` one ``RuntimeWarning``
     says how many test points did not converge and why (``throw=True``
@@ -484,9 +500,13 @@ def influence_scores(loss_fn: Callable, params, example_loss_fn: Callable, train
     _checks.check_example_loss(fn, example_loss_fn, params, test_examples, "test_examples")
     solver, spec = _checked(fn, loss_fn, params, args, mask=mask, method=method, solver=solver,
                             curvature=curvature, damping=damping, chunk_size=chunk_size, axis_name=axis_name)
-    scores, adj = _influence_scores(params, train_examples, test_examples, args, mask, solver, spec,
-                                    loss_fn=loss_fn, example_loss_fn=example_loss_fn, method=method,
-                                    test_chunk_size=test_chunk_size, train_chunk_size=train_chunk_size, fn=fn)
+    emit, show = _progress.wanted(progress, fn, params, train_examples, test_examples, args)
+    with _progress.bar(fn, _progress.chunks(_checks.leading_size(fn, "test_examples", test_examples),
+                                            test_chunk_size), show):
+        scores, adj = _influence_scores(params, train_examples, test_examples, args, mask, solver, spec,
+                                        loss_fn=loss_fn, example_loss_fn=example_loss_fn, method=method,
+                                        test_chunk_size=test_chunk_size, train_chunk_size=train_chunk_size,
+                                        progress=emit, fn=fn)
     if throw:
         check_solution(fn, adj.solution)
     warn_failures(fn, adj.solution)
@@ -495,12 +515,12 @@ def influence_scores(loss_fn: Callable, params, example_loss_fn: Callable, train
     return Scores(scores, adj.solution, adj.damping)
 
 
-@_compiled("loss_fn", "example_loss_fn", "method", "test_chunk_size", "train_chunk_size", "fn")
+@_compiled("loss_fn", "example_loss_fn", "method", "test_chunk_size", "train_chunk_size", "progress", "fn")
 def _influence_scores(params, train_examples, test_examples, args, mask, solver, spec, *, loss_fn,
-                      example_loss_fn, method, test_chunk_size, train_chunk_size, fn):
+                      example_loss_fn, method, test_chunk_size, train_chunk_size, progress, fn):
     adj = _adjoint_solves(params, test_examples, args, mask, solver, spec, loss_fn=loss_fn,
                           example_loss_fn=example_loss_fn, method=method, test_chunk_size=test_chunk_size,
-                          fn=fn)
+                          progress=progress, fn=fn)
     S = adj.solution.value  # pytree with leading n_test axis
     scores = map_in_chunks(lambda chunk: contract(_example_grads(example_loss_fn, params, chunk), S),
                            train_examples, train_chunk_size, caller=fn, arg="train_examples")
@@ -511,14 +531,15 @@ def self_influence(loss_fn: Callable, params, example_loss_fn: Callable, example
                    mask=None, method: str = "if", solver="auto", damping=0.0,
                    chunk_size: int | None = None, example_chunk_size: int = 16,
                    curvature="hessian", axis_name: str | None = None, throw: bool = False,
-                   return_info: bool = False):
+                   return_info: bool = False, progress: bool | None = None):
     """Self-influence I[i, i] = −∇ℓ(z_i)ᵀ Δ(∇ℓ(z_i)) for each example, shape [n].
 
     One solve per example (unavoidable), sharing one solver set-up. With the
     upweighting sign I[i, i] ≤ 0 for positive-definite H; −I[i, i] =
     ∇ℓᵀH⁻¹∇ℓ (for IF) is large for atypical or mislabelled points — rank by
     it. Arguments as in :func:`influence_scores` (with ``axis_name``,
-    ``examples`` are this device's own); ``return_info=True`` returns
+    ``examples`` are this device's own; ``progress`` counts chunks of
+    ``example_chunk_size``); ``return_info=True`` returns
     :class:`Scores` (``scores`` = the [n] values) with the per-example
     solver diagnostics.
     """
@@ -526,25 +547,30 @@ def self_influence(loss_fn: Callable, params, example_loss_fn: Callable, example
     _checks.check_example_loss(fn, example_loss_fn, params, examples, "examples")
     solver, spec = _checked(fn, loss_fn, params, args, mask=mask, method=method, solver=solver,
                             curvature=curvature, damping=damping, chunk_size=chunk_size, axis_name=axis_name)
-    out = _self_influence(params, examples, args, mask, solver, spec, loss_fn=loss_fn,
-                          example_loss_fn=example_loss_fn, method=method,
-                          example_chunk_size=example_chunk_size, fn=fn)
+    emit, show = _progress.wanted(progress, fn, params, examples, args)
+    with _progress.bar(fn, _progress.chunks(_checks.leading_size(fn, "examples", examples),
+                                            example_chunk_size), show):
+        out = _self_influence(params, examples, args, mask, solver, spec, loss_fn=loss_fn,
+                              example_loss_fn=example_loss_fn, method=method,
+                              example_chunk_size=example_chunk_size, progress=emit, fn=fn)
     if throw:
         check_solution(fn, out.solution)
     warn_failures(fn, out.solution)
     return out if return_info else out.scores
 
 
-@_compiled("loss_fn", "example_loss_fn", "method", "example_chunk_size", "fn")
+@_compiled("loss_fn", "example_loss_fn", "method", "example_chunk_size", "progress", "fn")
 def _self_influence(params, examples, args, mask, solver, spec, *, loss_fn, example_loss_fn, method,
-                    example_chunk_size, fn) -> Scores:
+                    example_chunk_size, progress, fn) -> Scores:
     s = setup(loss_fn, params, *args, mask=mask, method=method, solver=solver, curvature=spec, adjoint=True,
               fn=fn)
 
-    def chunk(batch):
+    def chunk(batch, valid):
         G = _example_grads(example_loss_fn, params, batch)
         sol = _solve_visibly(s, G)
+        _progress.report(sol.converged, valid, progress)
         return -jax.vmap(_tree.vdot)(sol.value, G), sol
 
-    values, sols = map_in_chunks(chunk, examples, example_chunk_size, caller=fn, arg="examples")
+    values, sols = map_in_chunks(chunk, examples, example_chunk_size, caller=fn, arg="examples",
+                                 with_valid=True)
     return Scores(values, sols, s.damping)

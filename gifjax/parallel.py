@@ -78,7 +78,7 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from . import _checks
+from . import _checks, _progress
 from . import curvature as _curv
 from . import estimators as _core
 from . import solvers as _solvers
@@ -250,9 +250,18 @@ def _run(fn, kind, loss_fn, params, args, *, mesh, query_axis, data_axis, method
     if g is not None:
         dynamic["g"] = g
     return_info = options.pop("return_info", False)
+    emit, show = _progress.wanted(options.pop("progress", None), fn, params, queries, train, args)
+    if kind in ("scores", "self"):
+        options["progress"] = emit  # every device reports its own chunks
     job = _Job(kind, mesh, query_axis, data_axis, loss_fn, example_loss_fn,
                tuple(sorted(dict(method=method, **options).items())))
-    out = _sharded(job, params, dynamic, queries, train, tuple(args))
+    total = 0
+    if kind in ("scores", "self"):
+        per_device = -(-_checks.leading_size(fn, queries_arg, queries) // _size(mesh, query_axis))
+        chunk = options["test_chunk_size" if kind == "scores" else "example_chunk_size"]
+        total = _progress.chunks(per_device, chunk) * _size(mesh, query_axis) * _size(mesh, data_axis)
+    with _progress.bar(fn, total, show, replicas=_size(mesh, data_axis)):
+        out = _sharded(job, params, dynamic, queries, train, tuple(args))
     sol = out if kind == "adjoint" else out.solution
     _solvers.warn_failures(fn, sol)  # outside jit only; inside, the diagnostics travel in the result
     return out.scores if kind in ("scores", "self") and not return_info else out
@@ -265,7 +274,8 @@ def influence_scores(loss_fn: Callable, params, example_loss_fn: Callable, train
                      test_examples, *args, mesh: Mesh, query_axis: str | None = "queries",
                      data_axis: str | None = None, mask=None, method: str = "if", solver="auto",
                      damping=0.0, chunk_size: int | None = None, test_chunk_size: int = 16,
-                     train_chunk_size: int = 256, curvature="hessian", return_info: bool = False):
+                     train_chunk_size: int = 256, curvature="hessian", return_info: bool = False,
+                     progress: bool | None = None):
     r"""Sharded :func:`gifjax.influence_scores`: I[i, j] = −∇ℓ(test_j)ᵀ Δ(∇ℓ(train_i)), [n_train, n_test].
 
     Test examples are split over ``query_axis`` (each device solves its own
@@ -294,7 +304,7 @@ def influence_scores(loss_fn: Callable, params, example_loss_fn: Callable, train
                 damping=damping, queries=test_examples, train=train_examples,
                 example_loss_fn=example_loss_fn, chunk_size=chunk_size,
                 test_chunk_size=test_chunk_size, train_chunk_size=train_chunk_size,
-                curvature=curvature, return_info=return_info)
+                curvature=curvature, return_info=return_info, progress=progress)
 
 
 def adjoint_solve(loss_fn: Callable, params, test_grads, *args, mesh: Mesh,
@@ -332,7 +342,8 @@ def adjoint_solve(loss_fn: Callable, params, test_grads, *args, mesh: Mesh,
 def self_influence(loss_fn: Callable, params, example_loss_fn: Callable, examples, *args, mesh: Mesh,
                    query_axis: str | None = "queries", data_axis: str | None = None, mask=None,
                    method: str = "if", solver="auto", damping=0.0, chunk_size: int | None = None,
-                   example_chunk_size: int = 16, curvature="hessian", return_info: bool = False):
+                   example_chunk_size: int = 16, curvature="hessian", return_info: bool = False,
+                   progress: bool | None = None):
     """Sharded :func:`gifjax.self_influence`: I[i, i] = −∇ℓ(z_i)ᵀ Δ(∇ℓ(z_i)), shape [n].
 
     One solve per example (e.g. a mislabel sweep over the whole training
@@ -348,7 +359,8 @@ def self_influence(loss_fn: Callable, params, example_loss_fn: Callable, example
                 query_axis=query_axis, data_axis=data_axis, method=method, mask=mask,
                 solver=solver, damping=damping, queries=examples, queries_arg="examples",
                 example_loss_fn=example_loss_fn, chunk_size=chunk_size,
-                example_chunk_size=example_chunk_size, curvature=curvature, return_info=return_info)
+                example_chunk_size=example_chunk_size, curvature=curvature, return_info=return_info,
+                progress=progress)
 
 
 def influence(loss_fn: Callable, params, g, *args, mesh: Mesh, data_axis: str = "data", mask=None,

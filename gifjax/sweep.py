@@ -36,9 +36,9 @@ loss j by ≈ −I[i, j] / n), but consumes the training set chunk by chunk:
   stay out of the top-k and are reported (``nonfinite_train``); a test
   example whose gradient or solve is non-finite gets a NaN column, never
   zeros (``nonfinite_test``), and one warning says so;
-* a tqdm bar over chunks on stderr (``progress=False`` turns it off; it is
-  also off when tqdm, the ``progress`` extra, is not installed) and/or a
-  ``callback(chunk_index, num_chunks)``.
+* tqdm bars on stderr, over the test chunks' solves and then over the
+  training chunks (``progress=False`` or ``GIFJAX_PROGRESS=0`` turns them
+  off) and/or a ``callback(chunk_index, num_chunks)``.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _checks, _repr, _tree
+from . import _checks, _progress, _repr, _tree
 from ._chunks import pad_rows
 from .estimators import adjoint_solves, contract
 from .operators import METHODS
@@ -350,12 +350,9 @@ def _load_chunk(path, context, start, count, input_sha256, n_test, dtype):
 
 
 def _progress_bar(progress, total):
-    if not progress:
+    if not progress or not _progress.env_on():
         return None
-    try:
-        from tqdm import tqdm
-    except ImportError:  # the optional `progress` extra
-        return None
+    from tqdm import tqdm
     return tqdm(total=total, desc="gifjax.score_stream", unit="chunk", file=sys.stderr)
 
 
@@ -516,7 +513,7 @@ def score_stream(loss_fn: Callable, params, example_loss_fn: Callable, train_exa
     sols, lam = adjoint_solves(loss_fn, params, example_loss_fn, test_examples, *args, mask=mask,
                                method=method, solver=solver, damping=damping, chunk_size=chunk_size,
                                curvature=curvature, axis_name=axis_name,
-                               test_chunk_size=test_chunk_size, fn=fn)
+                               test_chunk_size=test_chunk_size, progress=None if progress else False, fn=fn)
     n_test = _checks.leading_size(fn, "test_examples", test_examples)
     # adjoint_solves gives a bad test example (non-finite gradient or solve) a NaN adjoint
     # vector and failure "nonfinite", so its score column is NaN, never zeros

@@ -126,7 +126,7 @@ def test_the_core_never_imports_the_end_to_end_pieces():
 PUBLIC = ["gifjax", "gifjax.estimators", "gifjax.operators", "gifjax.solvers", "gifjax.lowrank",
           "gifjax.masks", "gifjax.selection", "gifjax.spectrum", "gifjax.sweep", "gifjax.parallel",
           "gifjax.evaluation", "gifjax.curvature", "gifjax.group", "gifjax.preconditioners",
-          "gifjax.stepping"]
+          "gifjax.stepping", "gifjax.diagnostics"]
 
 
 @pytest.mark.parametrize("name", PUBLIC)

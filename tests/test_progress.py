@@ -1,0 +1,66 @@
+"""Progress bars of the long calls: shown outside transformations, silent on request and inside jit."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gifjax
+from gifjax.parallel import make_mesh
+
+X = jax.random.normal(jax.random.key(0), (40, 3))
+Y = X @ jnp.array([1.0, -2.0, 0.5]) + 0.3 * jnp.sin(3 * X[:, 0])  # w = 1 is not the fit: gradients ≠ 0
+
+
+def loss(w, X, Y):
+    return 0.5 * jnp.mean((X @ w - Y) ** 2) + 0.01 * w @ w
+
+
+def example_loss(w, xy):
+    return 0.5 * (xy[0] @ w - xy[1]) ** 2
+
+
+def scores(**kw):
+    return gifjax.influence_scores(loss, jnp.ones(3), example_loss, (X, Y), (X[:20], Y[:20]), X, Y,
+                                   test_chunk_size=8, **kw)
+
+
+def test_bar_counts_chunks_and_converged_queries_without_padding(capsys):
+    quiet = scores(progress=False)
+    assert capsys.readouterr().err == ""
+    shown = scores()
+    err = capsys.readouterr().err
+    assert "influence_scores" in err and "3/3" in err          # 20 queries → 3 chunks of 8
+    assert "converged 20/20" in err                           # the padded 4 rows are not counted
+    np.testing.assert_array_equal(np.asarray(shown), np.asarray(quiet))
+    gifjax.self_influence(loss, jnp.ones(3), example_loss, (X, Y), X, Y, example_chunk_size=16)
+    assert "converged 40/40" in capsys.readouterr().err
+
+
+def test_silent_under_jit_with_one_chunk_and_with_the_environment_switch(capsys, monkeypatch):
+    jax.jit(lambda w: gifjax.influence_scores(loss, w, example_loss, (X, Y), (X[:20], Y[:20]), X, Y,
+                                              test_chunk_size=8))(jnp.ones(3))
+    gifjax.influence_scores(loss, jnp.ones(3), example_loss, (X, Y), (X[:4], Y[:4]), X, Y)  # one chunk
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("GIFJAX_PROGRESS", "0")
+    scores()
+    assert capsys.readouterr().err == ""
+
+
+def test_not_converged_queries_are_counted_as_such(capsys):
+    scores(solver=gifjax.solvers.CG(max_steps=1))
+    err = capsys.readouterr().err
+    assert "converged 0/20" in err
+
+
+def test_parallel_bar_on_a_one_device_mesh(capsys):
+    mesh = make_mesh(1, 1)
+    out = gifjax.parallel.influence_scores(loss, jnp.ones(3), example_loss, (X, Y), (X[:20], Y[:20]), X, Y,
+                                           mesh=mesh, test_chunk_size=8)
+    assert "parallel.influence_scores" in capsys.readouterr().err
+    np.testing.assert_allclose(np.asarray(out), np.asarray(scores(progress=False)), rtol=1e-5)
+
+
+def test_progress_must_be_a_bool_or_none():
+    with pytest.raises(TypeError, match=r"influence_scores.*progress"):
+        scores(progress="yes")
