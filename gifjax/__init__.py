@@ -9,7 +9,8 @@ Pure functions over pytrees, in layers whose imports point one way::
        └── curvature ─┘ (hvp: jvp of grad; GGN products)
 
 plus ``masks`` and ``selection`` (which parameters move), ``lowrank``,
-``spectrum``, ``group``, ``sweep``, ``parallel`` and ``evaluation`` on top.
+``stepping`` (apply Δ: search the step), ``diagnostics`` (can I trust the
+scores?), ``spectrum``, ``group``, ``sweep``, ``parallel`` and ``evaluation`` on top.
 The end-to-end pieces (data, models, training, the paper's tasks, the demo)
 live in :mod:`gifjax.experiments`; the core never imports them.
 """

@@ -40,17 +40,21 @@ def env_on() -> bool:
     return os.environ.get("GIFJAX_PROGRESS", "1").strip().lower() not in ("0", "false", "off")
 
 
-def wanted(progress, fn: str, *trees) -> tuple[bool, bool]:
-    """``(emit, show)``: whether the program reports chunks, and whether to open a bar here."""
+def wanted(progress, fn: str, total: int, *trees) -> tuple[bool, bool]:
+    """``(emit, show)`` for a call of ``total`` chunks: does the program report, does a bar open here.
+
+    With the default ``None`` a call that shows no bar compiles no callback
+    (the same program as ``progress=False``).
+    """
     if progress is not None and not isinstance(progress, bool):
         raise _checks.error(fn, "progress", repr(progress), "None, True or False",
                             "pass progress=False to silence the bar (or set GIFJAX_PROGRESS=0).",
                             kind=TypeError)
     outside = not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(trees))
     if progress is None:
-        on = outside and env_on()
+        on = outside and total > 1 and env_on()
         return on, on
-    return progress, progress and outside
+    return progress, progress and outside and total > 1
 
 
 @contextlib.contextmanager

@@ -374,9 +374,9 @@ def adjoint_solves(loss_fn: Callable, params, example_loss_fn: Callable, test_ex
     _checks.check_example_loss(fn, example_loss_fn, params, test_examples, "test_examples")
     solver, spec = _checked(fn, loss_fn, params, args, mask=mask, method=method, solver=solver,
                             curvature=curvature, damping=damping, chunk_size=chunk_size, axis_name=axis_name)
-    emit, show = _progress.wanted(progress, fn, params, test_examples, args)
-    with _progress.bar(fn, _progress.chunks(_checks.leading_size(fn, "test_examples", test_examples),
-                                            test_chunk_size), show):
+    total = _progress.chunks(_checks.leading_size(fn, "test_examples", test_examples), test_chunk_size)
+    emit, show = _progress.wanted(progress, fn, total, params, test_examples, args)
+    with _progress.bar(fn, total, show):
         return _adjoint_solves(params, test_examples, args, mask, solver, spec, loss_fn=loss_fn,
                                example_loss_fn=example_loss_fn, method=method, test_chunk_size=test_chunk_size,
                                progress=emit, fn=fn)
@@ -500,9 +500,9 @@ def influence_scores(loss_fn: Callable, params, example_loss_fn: Callable, train
     _checks.check_example_loss(fn, example_loss_fn, params, test_examples, "test_examples")
     solver, spec = _checked(fn, loss_fn, params, args, mask=mask, method=method, solver=solver,
                             curvature=curvature, damping=damping, chunk_size=chunk_size, axis_name=axis_name)
-    emit, show = _progress.wanted(progress, fn, params, train_examples, test_examples, args)
-    with _progress.bar(fn, _progress.chunks(_checks.leading_size(fn, "test_examples", test_examples),
-                                            test_chunk_size), show):
+    total = _progress.chunks(_checks.leading_size(fn, "test_examples", test_examples), test_chunk_size)
+    emit, show = _progress.wanted(progress, fn, total, params, train_examples, test_examples, args)
+    with _progress.bar(fn, total, show):
         scores, adj = _influence_scores(params, train_examples, test_examples, args, mask, solver, spec,
                                         loss_fn=loss_fn, example_loss_fn=example_loss_fn, method=method,
                                         test_chunk_size=test_chunk_size, train_chunk_size=train_chunk_size,
@@ -547,9 +547,9 @@ def self_influence(loss_fn: Callable, params, example_loss_fn: Callable, example
     _checks.check_example_loss(fn, example_loss_fn, params, examples, "examples")
     solver, spec = _checked(fn, loss_fn, params, args, mask=mask, method=method, solver=solver,
                             curvature=curvature, damping=damping, chunk_size=chunk_size, axis_name=axis_name)
-    emit, show = _progress.wanted(progress, fn, params, examples, args)
-    with _progress.bar(fn, _progress.chunks(_checks.leading_size(fn, "examples", examples),
-                                            example_chunk_size), show):
+    total = _progress.chunks(_checks.leading_size(fn, "examples", examples), example_chunk_size)
+    emit, show = _progress.wanted(progress, fn, total, params, examples, args)
+    with _progress.bar(fn, total, show):
         out = _self_influence(params, examples, args, mask, solver, spec, loss_fn=loss_fn,
                               example_loss_fn=example_loss_fn, method=method,
                               example_chunk_size=example_chunk_size, progress=emit, fn=fn)

@@ -250,16 +250,16 @@ def _run(fn, kind, loss_fn, params, args, *, mesh, query_axis, data_axis, method
     if g is not None:
         dynamic["g"] = g
     return_info = options.pop("return_info", False)
-    emit, show = _progress.wanted(options.pop("progress", None), fn, params, queries, train, args)
-    if kind in ("scores", "self"):
-        options["progress"] = emit  # every device reports its own chunks
-    job = _Job(kind, mesh, query_axis, data_axis, loss_fn, example_loss_fn,
-               tuple(sorted(dict(method=method, **options).items())))
     total = 0
     if kind in ("scores", "self"):
         per_device = -(-_checks.leading_size(fn, queries_arg, queries) // _size(mesh, query_axis))
         chunk = options["test_chunk_size" if kind == "scores" else "example_chunk_size"]
         total = _progress.chunks(per_device, chunk) * _size(mesh, query_axis) * _size(mesh, data_axis)
+    emit, show = _progress.wanted(options.pop("progress", None), fn, total, params, queries, train, args)
+    if kind in ("scores", "self"):
+        options["progress"] = emit  # every device reports its own chunks
+    job = _Job(kind, mesh, query_axis, data_axis, loss_fn, example_loss_fn,
+               tuple(sorted(dict(method=method, **options).items())))
     with _progress.bar(fn, total, show, replicas=_size(mesh, data_axis)):
         out = _sharded(job, params, dynamic, queries, train, tuple(args))
     sol = out if kind == "adjoint" else out.solution

@@ -48,7 +48,8 @@ def test_silent_under_jit_with_one_chunk_and_with_the_environment_switch(capsys,
 
 
 def test_not_converged_queries_are_counted_as_such(capsys):
-    scores(solver=gifjax.solvers.CG(max_steps=1))
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        scores(solver=gifjax.solvers.CG(max_steps=1))
     err = capsys.readouterr().err
     assert "converged 0/20" in err
 
