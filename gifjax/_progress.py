@@ -22,6 +22,7 @@ The rule every long call follows (``progress=`` keyword):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import sys
 import threading
@@ -94,6 +95,27 @@ def _tick(converged, valid):
         state["bar"].set_postfix_str(f"converged {state['converged'] // r}/{state['queries'] // r}",
                                      refresh=False)
         state["bar"].update(1)
+
+
+def _product(_):
+    with _LOCK:
+        if _OPEN:
+            _OPEN[-1]["bar"].update(1)
+
+
+def counting(operator, emit: bool):
+    """``operator`` (a :class:`gifjax.operators.LinearOperator`) whose every product ticks the bar."""
+    if not emit:
+        return operator
+
+    def counted(matvec):
+        def product(v):
+            out = matvec(v)
+            jax.debug.callback(_product, jax.tree_util.tree_leaves(out)[0].ravel()[0])  # after the product
+            return out
+        return None if matvec is None else product
+
+    return dataclasses.replace(operator, matvec=counted(operator.matvec), rmatvec=counted(operator.rmatvec))
 
 
 def report(converged, valid, emit: bool = True):

@@ -77,7 +77,7 @@ import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 
-from . import _checks, _repr, _tree
+from . import _checks, _progress, _repr, _tree
 from . import masks as _masks
 from . import _krylov
 from .estimators import adjoint_solve, influence
@@ -471,7 +471,8 @@ def bidiagonalize(matvec: Callable, rmatvec: Callable, start, *, num_steps: int,
 
 def factorize(loss_fn: Callable, params, *args, rank: int, method: str = "if", mask=None,
               num_steps: int | None = None, rtol=None, damping=0.0, curvature="hessian", key=None,
-              start=None, chunk_size: int | None = None, axis_name: str | None = None) -> Factors:
+              start=None, chunk_size: int | None = None, axis_name: str | None = None,
+              progress: bool | None = None) -> Factors:
     r"""Factorise the operator of an influence ``method`` once, for any number of queries.
 
     ``method`` picks the operator (see the module table): Lanczos on H_λ
@@ -495,6 +496,9 @@ def factorize(loss_fn: Callable, params, *args, rank: int, method: str = "if", m
       start: optional start vector (pytree like ``params``; masked for fif).
         ``start = g`` reproduces m steps of CG / LSQR for that g; the mean of
         the right-hand sides biases the subspace toward them.
+      progress: a tqdm bar over the curvature products (m, or 2m + 1 for
+        gif); as in :func:`gifjax.influence_scores` (off inside ``jit``,
+        ``False`` or ``GIFJAX_PROGRESS=0`` silences it).
 
     Returns:
       :class:`Factors` tagged with ``method``; pass ``LowRank(factors)`` as
@@ -523,7 +527,12 @@ def factorize(loss_fn: Callable, params, *args, rank: int, method: str = "if", m
     C = spec.resolve(loss_fn, params, *args, trace_mask=estimator.trace_mask)
     problem = estimator.problem(C)
     solver = LowRank(rank=rank, num_steps=num_steps, rtol=rtol, key=key, start=start)
-    return dataclasses.replace(solver.setup(prepared(problem.operator), problem.form, fn=fn), method=method)
+    m = num_steps if isinstance(num_steps, int) else rank if isinstance(rank, int) else 0
+    total = m if problem.form == "symmetric" else 2 * m + 1
+    emit, show = _progress.wanted(progress, fn, total, params, args)
+    with _progress.bar(fn, total, show, unit="product"):
+        factors = solver.setup(_progress.counting(prepared(problem.operator), emit), problem.form, fn=fn)
+        return dataclasses.replace(jax.block_until_ready(factors) if show else factors, method=method)
 
 
 @_repr.compact_repr()

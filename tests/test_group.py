@@ -21,10 +21,15 @@ def logistic_loss(w, X, y):
 def newton(loss, w, *data, free=None, steps=60):
     """Retrain to the optimum (optionally over the coordinates ``free`` only)."""
     idx = np.arange(w.shape[0]) if free is None else free
-    for _ in range(steps):
+
+    @jax.jit  # one compile per retrain, not an eager trace of grad and hessian per step
+    def step(w, *data):
         g = jax.grad(loss)(w, *data)[idx]
         H = jax.hessian(loss)(w, *data)[np.ix_(idx, idx)]
-        w = w.at[idx].add(-jnp.linalg.solve(H, g))
+        return w.at[idx].add(-jnp.linalg.solve(H, g))
+
+    for _ in range(steps):
+        w = step(w, *data)
     return w
 
 

@@ -65,3 +65,14 @@ def test_parallel_bar_on_a_one_device_mesh(capsys):
 def test_progress_must_be_a_bool_or_none():
     with pytest.raises(TypeError, match=r"influence_scores.*progress"):
         scores(progress="yes")
+
+
+def test_factorize_counts_its_curvature_products(capsys):
+    gifjax.lowrank.factorize(loss, jnp.ones(3), X, Y, rank=2, num_steps=3)
+    err = capsys.readouterr().err
+    assert "lowrank.factorize" in err and "3/3" in err
+    gifjax.lowrank.factorize(loss, jnp.ones(3), X, Y, rank=2, num_steps=2, method="gif",
+                             mask=jnp.array([True, True, False]))
+    assert "5/5" in capsys.readouterr().err                   # Golub–Kahan: 2m + 1 products
+    gifjax.lowrank.factorize(loss, jnp.ones(3), X, Y, rank=2, progress=False)
+    assert capsys.readouterr().err == ""
