@@ -98,6 +98,7 @@ SLOW = [
     "tests/test_ggn.py::test_auto_damping_under_jit_takes_a_traced_key",
     # end to end: training, retraining, notebooks, the experiments' own examples
     "tests/test_notebooks.py::test_notebook_runs",
+    "tests/test_own_model.py::test_the_readme_recipe_finishes_reports_and_agrees_with_a_tight_reference",
     "tests/test_evaluation.py::test_loo_on_logistic_regression_pearson_at_least_098",
     "tests/test_evaluation.py::test_lds_high_for_influence_and_near_zero_for_random_scores",
     "tests/test_evaluation.py::test_lds_from_a_given_init_records_it",
