@@ -147,15 +147,17 @@ def check_scores(scores, loss_fn: Callable, params, example_loss_fn: Callable, t
       scores: the [n_train, n_test] matrix to check, or the :class:`gifjax.Scores`
         of ``influence_scores(..., return_info=True)`` (then each query's
         convergence at hand is reported too).
-      loss_fn, params, example_loss_fn, train_examples, test_examples, \*args,
-      method, mask, solver, damping, chunk_size, curvature: exactly as in the
-        :func:`gifjax.influence_scores` call that produced ``scores``
-        (``solver`` only sets the reference's budget).
       num_queries: how many test columns to recompute (all if fewer).
       top_k: k of the top-k overlap.
       reference: the reference solver; default :func:`reference_solver`.
       key: PRNG key choosing the columns (default ``jax.random.key(0)``).
       test_chunk_size, train_chunk_size, progress: for the recomputation.
+
+    The other arguments (``loss_fn``, ``params``, ``example_loss_fn``, the
+    examples, ``*args``, ``method``, ``mask``, ``solver``, ``damping``,
+    ``chunk_size``, ``curvature``) are exactly those of the
+    :func:`gifjax.influence_scores` call that produced ``scores``; ``solver``
+    only sets the reference's budget.
 
     Returns:
       :class:`ScoreCheck`; print ``check.summary()``.
