@@ -182,3 +182,59 @@ def test_accelerator_smoke_writes_the_full_schema(tmp_path):
     par = data["parallel"][first]
     assert par["status"] == "ok" and par["devices"] == data["device"]["count"]
     assert positive(par["single"]["seconds"]) and positive(par["single"]["ms_per_query"])
+
+
+@pytest.mark.slow
+def test_own_model_smoke_writes_the_full_schema(tmp_path):
+    """`python -m benchmarks.own_model --smoke` end to end on CPU (~3 min on 2 cores): guarded calls, references."""
+    import math
+    import os
+    import subprocess
+
+    from gifjax.solvers import FAILURES
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", GIFJAX_BENCH_RESULTS=str(tmp_path / "unused"))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.own_model", "--smoke", "--results", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "call if:" in proc.stdout and "reference at λ*" in proc.stdout
+    data = json.loads((tmp_path / "own_model.json").read_text())  # --results wins over the variable
+    md = (tmp_path / "own_model.md").read_text()
+    assert "## Own nnx model, documented defaults (smoke, complete)" in md and "| IF, all defaults |" in md
+
+    positive = lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+    assert data["benchmark"] == "own_model" and data["mode"] == "smoke" and data["status"] == "complete"
+    m = data["model"]
+    assert m["params"] == 2570 and m["n_train"] == 160 and m["n_test"] == 32
+    assert m["lambda_min"] < m["lambda_max"] and m["lambda_star"] == pytest.approx(2 * max(-m["lambda_min"], 0.05))
+    assert 0.04 < m["mask_fraction"] <= 0.05
+    assert data["defaults"]["max_steps"] > 0 and data["defaults"]["test_chunk_size"] == 16
+    assert set(data["hvp_cost"]) == {"all", "64", "32"}
+    for c in data["hvp_cost"].values():
+        assert all(positive(c[k]) for k in ("grad_ms", "fresh_hvp_ms", "chunk_step_s", "per_query_hvp_ms"))
+
+    calls = data["calls"]
+    assert set(calls) == {"if", "if_sub32_star", "if_star", "gif5_sub32_star"}
+    for key, r in calls.items():
+        assert r["status"] in {"measured", "extrapolated", "timed out"}, (key, r)
+        assert positive(r["max_steps_bound_s"])
+        if r["status"] == "timed out":
+            assert r["wall_s"] is None and not r.get("result")
+            continue
+        res = r["result"]
+        assert positive(r["wall_s"]) and 0 <= r["compile_s"] <= r["wall_s"] * 1.01
+        assert 0 <= res["converged"] <= res["n"] and res["n"] in (16, 32) and res["hvps_sum"] > 0
+        assert set(res["failures"]) <= set(FAILURES) and sum(res["failures"].values()) == res["n"] - res["converged"]
+        assert res["hvps_vmapped"] >= res["hvps_sum"] and res["rel_residual_median"] <= res["rel_residual_max"]
+    for key in ("if_sub32_star", "if_star", "gif5_sub32_star"):  # damped above |λ_min|: every query converges
+        res = calls[key]["result"]
+        assert res["converged"] == res["n"], (key, res)
+    for key in ("if_sub32_star", "if_star"):  # compared with the tight full-data reference
+        assert len(calls[key]["vs_reference"]["spearman"]) == 4
+        assert min(calls[key]["vs_reference"]["spearman"]) > 0.9
+    refs = data["references"]
+    assert refs["queries"] == 4 and refs["star"]["converged"] == 4
+    assert len(refs["budgets"]) == 3
+    for b in refs["budgets"].values():
+        assert 0 <= b["converged"] <= 4 and positive(b["wall_s"]) and set(b["failures"]) <= set(FAILURES)
