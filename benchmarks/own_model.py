@@ -44,20 +44,24 @@ Measurements:
    a vmapped chunk really does: Σ over chunks of max × chunk size), steps, and
    each query's relative residual ‖r‖ / ‖right-hand side‖ (‖∇ℓ‖ for IF,
    ‖P∇ℓ‖ for GIF's min-norm adjoint).
-4. **References** on the first 8 test points: a tight full-data solve at λ*
-   (MINRES, rtol 1e-6) against which every λ* configuration's columns are
-   compared (Spearman per column, top-10 overlap); and for λ = 0, where no
-   tight solve is affordable, step budgets (MINRES max_steps 100 on all data
-   and on the 512 subsample, 300 on the subsample): converged count, relative
-   residual and the Spearman correlation between the budgets' scores.
+4. **References** on the first 8 test points: tight full-data solves at λ*
+   (IF: MINRES, rtol 1e-6; GIF: LSTSQ, rtol 1e-7, the same mask) against
+   which every λ* configuration's columns are compared (Spearman per column,
+   top-10 overlap by |I|, relative error) — so a subsample's error shows,
+   which a reference on the same subsample (``gifjax.check_scores``) cannot
+   show; and for λ = 0, where no tight solve is affordable, step budgets
+   (MINRES max_steps 100 on all data and on the 512 subsample, 300 on the
+   subsample): converged count, relative residual and the Spearman
+   correlation between the budgets' scores.
 
 ``--smoke``: a 2.6k-parameter CNN on 160 images, 32 test points (two chunks),
-subsamples 64 / 32, guard 60 s: the same code paths and JSON schema in about
-two minutes. Results go to benchmarks/results/own_model.{json,md}
-(``--results DIR`` or GIFJAX_BENCH_RESULTS elsewhere); the JSON is rewritten
-after every section, so an interrupted run keeps what it measured. Not in
-``benchmarks.run``'s plan: the full run takes 40–50 minutes on 2 CPU cores,
-most of it in guards that expire.
+subsamples 64 / 32, four of the configurations, guard 25 s: the same code
+paths and JSON schema in about four minutes on 2 CPU cores. Results go to
+benchmarks/results/own_model.{json,md} (``--results DIR`` or
+GIFJAX_BENCH_RESULTS elsewhere); the JSON is rewritten after every section,
+so an interrupted run keeps what it measured. Not in ``benchmarks.run``'s
+plan: the full run takes about 40 minutes on 2 CPU cores, 16 of them in
+guards that expire.
 """
 
 from __future__ import annotations
@@ -278,14 +282,12 @@ class Problem:
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
                    "/jax/core/compile/backend_compile_duration")
 _SPANS: list = []
+_LISTENING: list = []  # registered once, on the first timed() call (importing this module registers nothing)
 
 
 def _on_span(event, start, end, **_):
     if event in _COMPILE_EVENTS:
         _SPANS.append((start, end))
-
-
-jax.monitoring.register_event_time_span_listener(_on_span)
 
 
 def compile_seconds(since: float) -> float:
@@ -303,6 +305,9 @@ def compile_seconds(since: float) -> float:
 
 def timed(fn):
     """``(wall seconds, compile seconds, result)`` of one call, the result ready."""
+    if not _LISTENING:
+        jax.monitoring.register_event_time_span_listener(_on_span)
+        _LISTENING.append(True)
     since, t0 = time.time(), time.perf_counter()
     out = jax.block_until_ready(fn())
     return time.perf_counter() - t0, compile_seconds(since), out
@@ -598,6 +603,15 @@ def _probe(prob: Problem, q: int, method: str, solver, subsample, damping, mask=
             solver=solver, return_info=True, progress=False, **kw))
 
 
+def _compare(A, R) -> dict:
+    """Per column: Spearman, top-10 overlap (by |I|) and relative error of A against the reference R."""
+    q = R.shape[1]
+    return {"spearman": [spearman(A[:, j], R[:, j]) for j in range(q)],
+            "top10_overlap": [top_overlap(A[:, j], R[:, j]) for j in range(q)],
+            "relative_error": [float(np.linalg.norm(A[:, j] - R[:, j]) / max(np.linalg.norm(R[:, j]), 1e-300))
+                               for j in range(q)]}
+
+
 def section_references(run: Run, prob: Problem, workdir: pathlib.Path):
     from gifjax import solvers
 
@@ -612,19 +626,35 @@ def section_references(run: Run, prob: Problem, workdir: pathlib.Path):
     out["star"] = {"solver": f"MINRES(rtol=1e-6, max_steps={mode.ref_steps})", "curvature": "all data",
                    "damping": prob.lam_star, "wall_s": wall, "compile_s": comp,
                    **solution_summary(ref.solution, norms, q)}
-    run.log(f"reference at λ*: {wall:.1f} s, converged {out['star']['converged']}/{q}, "
+    run.log(f"IF reference at λ*: {wall:.1f} s, converged {out['star']['converged']}/{q}, "
             f"median steps {out['star']['steps_median']:.0f}")
     for key, rec in run.payload.get("calls", {}).items():
         path = workdir / f"{key}_{min(mode.chunk, mode.n_test)}.npy"
         if rec["method"] != "if" or rec["damping"] != prob.lam_star or not path.exists():
             continue
         A = np.load(path).astype(np.float64)[:, :q]
-        rec["vs_reference"] = {"spearman": [spearman(A[:, j], R[:, j]) for j in range(q)],
-                               "top10_overlap": [top_overlap(A[:, j], R[:, j]) for j in range(q)],
-                               "relative_error": [float(np.linalg.norm(A[:, j] - R[:, j]) /
-                                                        max(np.linalg.norm(R[:, j]), 1e-300)) for j in range(q)]}
+        rec["vs_reference"] = _compare(A, R)
         run.log(f"  {key} vs reference: Spearman min {min(rec['vs_reference']['spearman']):.4f}")
     run.save()
+    # the same for GIF at λ*: a tight LSTSQ on all data with the same mask
+    gif_keys = [key for key, rec in run.payload.get("calls", {}).items()
+                if rec["method"] == "gif" and rec["damping"] == prob.lam_star
+                and (workdir / f"{key}_{min(mode.chunk, mode.n_test)}.npy").exists()]
+    if gif_keys:
+        wall, comp, ref = _probe(prob, q, "gif", solvers.LSTSQ(rtol=1e-7, max_steps=mode.ref_steps), None,
+                                 prob.lam_star, mask=prob.mask)
+        G = np.asarray(ref.scores, np.float64)
+        out["gif_star"] = {"solver": f"LSTSQ(rtol=1e-7, max_steps={mode.ref_steps})", "curvature": "all data",
+                           "damping": prob.lam_star, "wall_s": wall, "compile_s": comp,
+                           **solution_summary(ref.solution, prob.rhs_norms(q, "gif"), q)}
+        run.log(f"GIF reference at λ*: {wall:.1f} s, converged {out['gif_star']['converged']}/{q}, "
+                f"median steps {out['gif_star']['steps_median']:.0f}")
+        for key in gif_keys:
+            rec = run.payload["calls"][key]
+            A = np.load(workdir / f"{key}_{min(mode.chunk, mode.n_test)}.npy").astype(np.float64)[:, :q]
+            rec["vs_reference"] = _compare(A, G)
+            run.log(f"  {key} vs GIF reference: Spearman min {min(rec['vs_reference']['spearman']):.4f}")
+        run.save()
     # λ = 0: step budgets (no tight solve is affordable)
     big = mode.subsamples[0]
     b1, b2 = mode.budgets
@@ -681,11 +711,11 @@ def markdown(p: dict) -> str:
         for key, r in calls.items():
             res = r.get("result") or {}
             vs = r.get("vs_reference")
-            rows.append([r["label"], f"`{r['keywords']}`", r["status"],
-                         _fmt(r.get("wall_s"), ".1f") if r.get("wall_s") is not None else f"> {chunks * p['guard_s']:.0f}",
+            wall = _fmt(r["wall_s"], ".1f") if r.get("wall_s") is not None else f"> {chunks * p['guard_s']:.0f}"
+            fails = ", ".join(f"{k}: {v}" for k, v in (res.get("failures") or {}).items()) or ("none" if res else "—")
+            rows.append([r["label"], f"`{r['keywords']}`", r["status"], wall,
                          _fmt(r.get("compile_s"), ".1f"),
-                         f"{res['converged']}/{res['n']}" if res else "—",
-                         ", ".join(f"{k}: {v}" for k, v in (res.get("failures") or {}).items()) or ("none" if res else "—"),
+                         f"{res['converged']}/{res['n']}" if res else "—", fails,
                          res.get("hvps_sum", "—"), res.get("steps_max", "—"),
                          _fmt(res.get("rel_residual_median")) if res else "—",
                          _fmt(min(vs["spearman"]), ".4f") if vs else "—",
@@ -701,15 +731,22 @@ def markdown(p: dict) -> str:
                   "step), the time of a call in which no chunk converges.", ""]
     refs = p.get("references")
     if refs and "star" in refs:
-        s = refs["star"]
-        lines += [f"### References ({refs['queries']} test points)", "",
-                  f"λ* reference: {s['solver']} on {s['curvature']}, {s['wall_s']:.1f} s, converged "
-                  f"{s['converged']}/{s['n']}, median {s['steps_median']:.0f} steps, median rel. residual "
-                  f"{s['rel_residual_median']:.2g}. Spearman per column of each λ* call above against it:", ""]
-        for key, r in (calls or {}).items():
-            if r.get("vs_reference"):
-                lines.append(f"- {r['label']}: " + ", ".join(f"{v:.4f}" for v in r["vs_reference"]["spearman"]))
-        lines.append("")
+        lines += [f"### References ({refs['queries']} test points)", ""]
+        for name, method in (("star", "if"), ("gif_star", "gif")):
+            s = refs.get(name)
+            if not s:
+                continue
+            lines += [f"{method.upper()} reference at λ*: {s['solver']} on {s['curvature']}, {s['wall_s']:.1f} s, "
+                      f"converged {s['converged']}/{s['n']}, median {s['steps_median']:.0f} steps, median rel. "
+                      f"residual {s['rel_residual_median']:.2g}. Each λ* call above against it, per column "
+                      "(Spearman; top-10 overlap by |I|; relative error):", ""]
+            for key, r in (calls or {}).items():
+                vs = r.get("vs_reference")
+                if vs and r["method"] == method:
+                    lines.append(f"- {r['label']}: Spearman " + " ".join(f"{v:.3f}" for v in vs["spearman"])
+                                 + "; top-10 " + " ".join(f"{v:.1f}" for v in vs["top10_overlap"])
+                                 + f"; rel. error {min(vs['relative_error']):.2g}–{max(vs['relative_error']):.2g}")
+            lines.append("")
         budgets = refs.get("budgets") or {}
         if budgets:
             per_col = lambda v: " ".join(f"{x:.2f}" for x in v) if v else "—"

@@ -230,11 +230,13 @@ def test_own_model_smoke_writes_the_full_schema(tmp_path):
     for key in ("if_sub32_star", "if_star", "gif5_sub32_star"):  # damped above |λ_min|: every query converges
         res = calls[key]["result"]
         assert res["converged"] == res["n"], (key, res)
-    for key in ("if_sub32_star", "if_star"):  # compared with the tight full-data reference
-        assert len(calls[key]["vs_reference"]["spearman"]) == 4
-        assert min(calls[key]["vs_reference"]["spearman"]) > 0.9
+    for key in ("if_sub32_star", "if_star", "gif5_sub32_star"):  # against the tight full-data references
+        vs = calls[key]["vs_reference"]
+        assert len(vs["spearman"]) == len(vs["top10_overlap"]) == len(vs["relative_error"]) == 4
+        assert min(vs["spearman"]) > 0.5 and all(0 <= t <= 1 for t in vs["top10_overlap"])
+    assert min(calls["if_star"]["vs_reference"]["spearman"]) > 0.99  # same problem, solved tighter
     refs = data["references"]
-    assert refs["queries"] == 4 and refs["star"]["converged"] == 4
+    assert refs["queries"] == 4 and refs["star"]["converged"] == 4 and refs["gif_star"]["n"] == 4
     assert len(refs["budgets"]) == 3
     for b in refs["budgets"].values():
         assert 0 <= b["converged"] <= 4 and positive(b["wall_s"]) and set(b["failures"]) <= set(FAILURES)
