@@ -156,6 +156,7 @@ _SOLVER_RULES = {
     "num_steps": dict(kind="int", minimum=1, example="num_steps=100"),
     "num_power_steps": dict(kind="int", minimum=1, example="num_power_steps=20"),
     "restarts": dict(kind="int", minimum=0, example="restarts=2"),
+    "max_restarts": dict(kind="int", minimum=0, example="max_restarts=1000"),
     "batch_size": dict(kind="int", minimum=1, allow_none=True, example="batch_size=32"),
     "rank": dict(kind="int", minimum=1, example="rank=50"),
 }

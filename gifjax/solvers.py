@@ -82,7 +82,7 @@ from .operators import FORMS, LinearOperator
 from .preconditioners import get_preconditioner
 
 __all__ = ["BlockCG", "CG", "DEFAULT_MAX_STEPS", "DEFAULT_RTOL", "Dense", "FAILURES", "FORMS", "HINTS", "LSMR",
-           "LSTSQ", "LiSSA", "LinearOperator", "MINRES", "Richardson", "SOLVERS", "Solution", "Solver", "SolverState",
+           "LSTSQ", "LiSSA", "LinearOperator", "MINRES", "RICHARDSON_MODES", "Richardson", "SOLVERS", "Solution", "Solver", "SolverState",
            "cg", "default_rtol", "dense", "get_solver", "lissa", "lstsq", "minres", "power_iteration",
            "richardson", "warn_failures"]
 
@@ -246,6 +246,14 @@ class Solver:
     def factor_hints(self, state: SolverState):
         """(z ↦ F z, b ↦ Fᵀ b) computed without the operator, or ``None`` each."""
         return None, None
+
+    def matvec_budget(self, form: str = "symmetric") -> int | None:
+        """The most operator products one right-hand side can cost, or ``None`` (not bounded here).
+
+        A worst case (no convergence before the step cap); used to project a
+        long call's running time from its measured product rate.
+        """
+        return None
 
 
 # ----------------------------------------------------------------------------- the differentiable path
@@ -557,6 +565,11 @@ class _Krylov(Solver):
     def solve_symmetric(self, state, b):
         return self._solve(state.operator, state.data, b)
 
+    def matvec_budget(self, form="symmetric"):
+        # the step cap is shared by the refinement rounds, each of which adds one residual product
+        per_step = 1 if form == "symmetric" else 2
+        return per_step * (_default_steps(self.max_steps) + self.restarts + 2)
+
     def solve_normal(self, state, c):
         sol = self._solve(normal_operator(state.factor), state.data, c, normal=True)
         return sol._replace(num_matvecs=2 * sol.num_matvecs)
@@ -716,6 +729,9 @@ class _NormalEquations:
         A = state.operator
         sol = self.solve_normal(SolverState(A, "least_squares", state.data), A(b))
         return sol._replace(num_matvecs=sol.num_matvecs + 1)
+
+    def matvec_budget(self, form="symmetric"):
+        return super().matvec_budget("least_squares") + (form == "symmetric")
 
 
 @_tree.pytree_dataclass(static=("max_steps", "restarts"))
@@ -1098,12 +1114,21 @@ def power_iteration(matvec, like, *, key, num_steps: int = 20):
 # ----------------------------------------------------------------------------- Richardson
 
 
-@_tree.pytree_dataclass(static=("max_steps",))
+#: Modes of :class:`Richardson`: gifjax's variant and the GIF paper's code, exactly.
+RICHARDSON_MODES = ("gifjax", "official")
+
+
+@_tree.pytree_dataclass(static=("max_steps", "mode", "max_restarts"))
 class Richardson(Solver):
-    """The GIF paper's solver: Richardson/Landweber on normal equations.
+    r"""The GIF paper's solver: Richardson/Landweber on normal equations.
 
     With N the normal operator (AᵀA for least squares, A² for symmetric,
-    A Aᵀ for min-norm) and rhs its right-hand side (Aᵀb, Ab, b):
+    A Aᵀ for min-norm) and rhs its right-hand side (Aᵀb, Ab, b), both modes
+    iterate the same linear update, whose fixed point N x = rhs does not
+    depend on the normaliser; they differ in how the normaliser grows, when
+    they restart, what a restart costs and which iterate they return.
+
+    ``mode="gifjax"`` (default):
 
         x_0 = rhs / c,   x_{k+1} = rhs / c + x_k − N x_k / c,
 
@@ -1113,10 +1138,53 @@ class Richardson(Solver):
     the fixed point; the iteration converges iff λ_max(N)/c < 2, at a rate set
     by κ(N) = κ(A)² — which is why LSTSQ needs far fewer matvecs. Stops when
     the normal residual ‖rhs − N x‖ ≤ max(rtol·‖rhs‖, atol) or after
-    ``max_steps`` steps. Two matvecs per step. Returns the iterate with the
-    smallest normal residual seen, because in float32 rounding noise near the
-    attainable accuracy (≈ eps·κ(A)²) makes the residual fluctuate, and a
-    noise-triggered restart would otherwise throw the progress away.
+    ``max_steps`` steps *in all* (restarts included). Two matvecs per step.
+    Returns the iterate with the smallest normal residual seen, because in
+    float32 rounding noise near the attainable accuracy (≈ eps·κ(A)²) makes
+    the residual fluctuate, and a noise-triggered restart would otherwise
+    throw the progress away.
+
+    ``mode="official"`` reproduces the official code's loop step for step
+    (its ``generalized_influence`` / ``iphvp`` pair). There ``normalizer`` is
+    the divisor c of the *loss* (so N is divided by c², the paper's c²), and
+    ``normalizer_step`` is added to c (not to c²) on each restart:
+
+        v = rhs / c²,  x_0 = v,  x_{k+1} = v + x_k − N x_k / c²,  d_k = ‖x_{k+1} − x_k‖,
+
+    and at every *even* count k (0, 2, 4, …) the attempt is abandoned when
+    d_k exceeds the d of the previous even count (10¹⁰ before the first);
+    then c ← c + ``normalizer_step`` and the iteration starts afresh from
+    x_0 = v with a **fresh budget**: restarts do not consume ``max_steps``.
+    An attempt ends when d_k ≤ ``atol`` (the official tol·√|t|; the default
+    0 means never) or after ``max_steps`` steps (the official ``max_iter``,
+    a fixed K: 200 / 30 / 1,000 in the paper's tables), and returns its
+    **last** iterate. ``rtol`` then only decides ``converged``, from the
+    final normal residual ‖rhs − N x‖ ≤ rtol·‖rhs‖ (2 more matvecs), as for
+    LiSSA's fixed budget. Where the official loop has no limit on restarts,
+    this one gives up after ``max_restarts`` (``failure="diverged"``); where it
+    would return a NaN (a non-finite step ends its loop), this one returns the
+    last finite iterate with ``failure="nonfinite"``. ``num_steps`` counts
+    every step of every attempt. The official defaults are
+    ``Richardson(mode="official", normalizer=1.0, normalizer_step=0.5)``.
+
+    Args:
+      normalizer, normalizer_step: the normaliser's start and growth (traced;
+        c² of the paper in ``"gifjax"`` mode, c in ``"official"`` mode).
+      rtol, atol: tolerances (traced), as described per mode.
+      max_steps: step budget (static): in all (``"gifjax"``) or per attempt
+        (``"official"``).
+      mode: ``"gifjax"`` or ``"official"`` (static; :data:`RICHARDSON_MODES`).
+      max_restarts: ``"official"`` mode's limit on restarts (static).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from gifjax import solvers
+      >>> A = jnp.array([[2.0, 0.0], [0.0, 1.0]])      # A² has λ_max 4: c = 1 diverges
+      >>> sol = solvers.Richardson(mode="official", normalizer_step=0.5, max_steps=200)(
+      ...     lambda x: A @ x, jnp.array([1.0, 1.0]))
+      >>> sol.value.round(4), int(sol.num_steps)  # A⁻¹b; 3 steps abandoned at c = 1, then 200 at c = 1.5
+      (Array([0.5, 1. ], dtype=float32), 203)
+
     Reproduces the paper; do not expect it to reach tight tolerances.
     """
 
@@ -1125,6 +1193,16 @@ class Richardson(Solver):
     rtol: Any = 1e-5
     atol: Any = 0.0
     max_steps: int = 1000
+    mode: str = "gifjax"
+    max_restarts: int = 1000
+
+    def _check(self):
+        _checks.check_choice("solvers.Richardson", "mode", self.mode, RICHARDSON_MODES)
+        _checks.check_solver("solvers.Richardson", self)
+
+    def configure(self, spec, estimator, fn):
+        self._check()  # the estimators call this eagerly, before their compiled program
+        return spec
 
     def solve_symmetric(self, state, b):
         A = state.operator
@@ -1135,6 +1213,9 @@ class Richardson(Solver):
         return self._iterate(lambda v: F.transpose_matvec(F(v)), c, extra=0)
 
     def _iterate(self, N, rhs, *, extra):
+        self._check()
+        if self.mode == "official":
+            return self._iterate_official(N, rhs, extra=extra)
         rhs_norm = _tree.norm(rhs)
         tol = _tolerance(self.rtol, self.atol, rhs_norm)
         N_rhs = N(rhs)  # lets a restart x = rhs / c reuse N x = N rhs / c
@@ -1170,6 +1251,44 @@ class Richardson(Solver):
         init = (jnp.int32(0), x0, res0, r0, c0, jnp.int32(NONE), x0, r0)
         k, _, _, _, _, fail, best, best_norm = jax.lax.while_loop(cond, body, init)
         return finish(best, k, 2 * (k + 1) + extra, best_norm, best_norm <= tol, fail)
+
+    def _iterate_official(self, N, rhs, *, extra):
+        """The official loop (see the class docstring); one ``while_loop`` over all attempts."""
+        dtype = _tree.norm(rhs).dtype
+        tol = jnp.asarray(self.atol, dtype)
+        fresh_old = jnp.asarray(1e10, dtype)  # the official diff_old before an attempt's first check
+        fresh_diff = tol + 0.1                # ... and its diff, so that a fresh attempt always runs
+
+        def cond(st):
+            k, total, restarts, x, c, diff, diff_old, fail = st
+            return (k < self.max_steps) & (diff > tol) & (fail == NONE)
+
+        def body(st):
+            k, total, restarts, x, c, diff, diff_old, fail = st
+            inv = 1.0 / (c * c)
+            x_new = _tree.add(_tree.scale(inv, rhs), _tree.axpy(-inv, N(x), x))
+            d = _tree.norm(_tree.sub(x_new, x))
+            even = k % 2 == 0
+            grew = even & (d > diff_old)
+            finite = jnp.isfinite(d) & _tree.all_finite(x_new)
+            fail = jnp.where(finite, NONE, NONFINITE)
+            fail = jnp.where(finite & grew & (restarts >= self.max_restarts), DIVERGED, fail)
+            restart = finite & grew & (fail == NONE)
+            step = finite & ~grew
+            c_up = c + self.normalizer_step
+            x = _tree.where(restart, _tree.scale(1.0 / (c_up * c_up), rhs), _tree.where(step, x_new, x))
+            return (jnp.where(restart, 0, jnp.where(step, k + 1, k)), total + 1,
+                    restarts + restart.astype(jnp.int32), x, jnp.where(restart, c_up, c),
+                    jnp.where(restart, fresh_diff, jnp.where(step, d, diff)),
+                    jnp.where(restart, fresh_old, jnp.where(step & even, d, diff_old)), fail)
+
+        c0 = jnp.asarray(self.normalizer, dtype)
+        init = (jnp.int32(0), jnp.int32(0), jnp.int32(0), _tree.scale(1.0 / (c0 * c0), rhs), c0,
+                fresh_diff, fresh_old, jnp.int32(NONE))
+        _, total, _, x, _, _, _, fail = jax.lax.while_loop(cond, body, init)
+        residual = _tree.norm(_tree.sub(rhs, N(x)))
+        met = residual <= _tolerance(self.rtol, 0.0, _tree.norm(rhs))
+        return finish(x, total, 2 * total + 2 + extra, residual, met, fail)
 
 
 def richardson(matvec, b, *, rmatvec=None, form="least_squares", **config) -> Solution:

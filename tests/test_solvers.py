@@ -225,3 +225,103 @@ def test_bad_form_and_missing_transpose():
         solvers.get_solver("gmres")
     with pytest.raises(ValueError, match=r"solvers\.LiSSA: bad `damping`: got -1"):
         solvers.LiSSA(damping=-1.0)(lambda x: A @ x, b)
+
+
+# ----------------------------------------------------------------------------- Richardson, official mode
+
+
+def _official_gif(H, g, index_list, *, tol, step, max_iter, normalizer=1.0, fif=False):
+    """NumPy transcription of the official code's GIF (or FIF) solve on an explicit Hessian.
+
+    The official ``generalized_influence`` divides both losses by c, so a
+    Hessian product is (H / c) v and the gradient g / c; ``iphvp`` runs
+    x ← v + x − P (H/c)(H/c) x from x = v = P (H/c)(g/c), abandons the attempt
+    when, at an even count, the step norm exceeds the previous even count's
+    (1e10 at first), and the outer loop then adds ``step`` to c and starts over.
+    Returns (value on the target coordinates, total steps, final c).
+    """
+    p = H.shape[0]
+    zero_mask = np.ones(p, bool)
+    zero_mask[index_list] = False
+    total = 0
+    c = normalizer
+    while True:
+        grad = g / c
+        if fif:
+            grad = grad.copy()
+            grad[zero_mask] = 0
+        v = (H / c) @ grad
+        v[zero_mask] = 0
+        t = tol * len(index_list) ** 0.5
+        diff, diff_old, current, count, out = t + 0.1, 1e10, v, 0, None
+        while diff > t and count < max_iter:
+            previous = current
+            first = (H / c) @ previous
+            if fif:
+                first[zero_mask] = 0
+            second = (H / c) @ first
+            second[zero_mask] = 0
+            current = v + previous - second
+            diff = np.linalg.norm(current - previous)
+            total += 1
+            if count % 2 == 0:
+                if diff > diff_old:
+                    current = None
+                    break
+                diff_old = diff
+            count += 1
+        if current is not None:
+            return current[index_list], total, c
+        c += step
+
+
+def _indefinite(seed=3, n=6):
+    q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(n, n)))
+    return (q * np.array([-2.5, -0.7, 0.4, 1.0, 1.8, 3.0])) @ q.T, np.random.default_rng(seed + 1).normal(size=n)
+
+
+@pytest.mark.parametrize("fif", [False, True])
+@pytest.mark.parametrize("tol, max_iter", [(1e-30, 40), (1e-3, 500)])
+def test_richardson_official_mode_matches_a_transcription_of_the_official_loop(x64, fif, tol, max_iter):
+    H, g = _indefinite()
+    keep = np.array([0, 2, 3, 5])
+    ref, total, c = _official_gif(H, g, keep, tol=tol, step=0.5, max_iter=max_iter, fif=fif)
+    assert c > 1.0 and total > max_iter if tol < 1e-20 else c > 1.0  # restarts happened
+    P = np.zeros(6)
+    P[keep] = 1.0
+    Hj, gj, Pj = jnp.asarray(H), jnp.asarray(g), jnp.asarray(P)
+    solver = solvers.Richardson(mode="official", normalizer=1.0, normalizer_step=0.5,
+                                atol=tol * len(keep) ** 0.5, max_steps=max_iter, rtol=1e-13)
+    if fif:  # FIF: the symmetric form on P H P
+        sol = solver(lambda x: Pj * (Hj @ (Pj * x)), Pj * gj)
+    else:    # GIF: least squares min ‖H P x − g‖
+        sol = solver(lambda x: Hj @ (Pj * x), gj, rmatvec=lambda y: Pj * (Hj @ y), form="least_squares")
+    np.testing.assert_allclose(np.asarray(sol.value)[keep], ref, rtol=1e-12, atol=1e-14)
+    assert np.all(np.asarray(sol.value)[P == 0] == 0)
+    assert int(sol.num_steps) == total
+    assert int(sol.num_matvecs) == 2 * total + 3  # + final residual (2) + A b or Aᵀ b (1)
+    if tol < 1e-20:  # a fixed K: not enough to converge here, and flagged so
+        assert sol.failure_names() == "max_steps" and not bool(sol.converged)
+
+
+def test_richardson_official_mode_fixed_budget_reaches_the_least_squares_answer(x64):
+    H, g = _indefinite()
+    keep = np.array([0, 2, 3, 5])
+    P = jnp.zeros(6).at[keep].set(1.0)
+    A = jnp.asarray(H) * P[None, :]
+    sol = solvers.Richardson(mode="official", normalizer_step=0.5, max_steps=3000, rtol=1e-10)(
+        lambda x: A @ x, jnp.asarray(g), rmatvec=lambda y: A.T @ y, form="least_squares")
+    assert bool(sol.converged) and sol.failure_names() == "none"
+    assert rel_err(sol.value, jnp.linalg.lstsq(A, jnp.asarray(g))[0]) < 1e-8
+
+
+def test_richardson_official_mode_restart_limit_and_errors():
+    A = jnp.diag(jnp.array([3.0, 1.0]))
+    sol = solvers.Richardson(mode="official", normalizer_step=1e-3, max_restarts=2, max_steps=50)(
+        lambda x: A @ x, jnp.ones(2))
+    assert sol.failure_names() == "diverged" and not bool(sol.converged)
+    assert bool(jnp.all(jnp.isfinite(sol.value)))
+    with pytest.raises(ValueError, match=r"gifjax\.solvers\.Richardson: bad `mode`: got 'paper'"):
+        solvers.Richardson(mode="paper")(lambda x: A @ x, jnp.ones(2))
+    with pytest.raises(ValueError, match=r"gifjax\.solvers\.Richardson: bad `max_restarts`"):
+        solvers.Richardson(mode="official", max_restarts=-1)(lambda x: A @ x, jnp.ones(2))
