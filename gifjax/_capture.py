@@ -128,12 +128,24 @@ def _outputs(spec, kind, state, inputs, kwargs, layer_keys, eps=None):
     return spec.run(state, inputs, kwargs, index, hook), calls
 
 
-def _per_layer(calls, values):
-    """|mean over calls of each call's unit means|, keyed by layer index."""
+#: Per-unit statistics: (map on the values before the mean, |·| after the mean).
+STATISTICS = {"abs_mean": (None, True), "signed_mean": (None, False),
+              "mean_abs": (jnp.abs, False), "relu_mean": (jax.nn.relu, False)}
+
+
+def statistic(values, ndim: int = 1, name: str = "abs_mean"):
+    """One call's unit statistic before the mean over calls (see :data:`STATISTICS`)."""
+    before, _ = STATISTICS[name]
+    return unit_mean(values if before is None else before(values), ndim)
+
+
+def _per_layer(calls, values, name="abs_mean"):
+    """The unit statistic ``name`` (default: the absolute mean) averaged over calls, keyed by layer index."""
     means = {}
     for (i, ndim, _), v in zip(calls, values):
-        means.setdefault(i, []).append(unit_mean(v, ndim))
-    return {i: jnp.abs(jnp.mean(jnp.stack(m), axis=0)) for i, m in means.items()}
+        means.setdefault(i, []).append(statistic(v, ndim, name))
+    after = jnp.abs if STATISTICS[name][1] else (lambda a: a)
+    return {i: after(jnp.mean(jnp.stack(m), axis=0)) for i, m in means.items()}
 
 
 class Static:
@@ -162,20 +174,21 @@ def _hash_key(part):
         return ("id", id(part))
 
 
-def layer_stats(spec, kind, loss_fn, layer_keys, static_kwargs, state, inputs, dynamic_kwargs):
+def layer_stats(spec, kind, loss_fn, layer_keys, static_kwargs, state, inputs, dynamic_kwargs,
+                stat="abs_mean"):
     """{layer index: unit scores} for ``kind`` "activation" or "gradient" (one jitted pass)."""
-    return _layer_stats(Static(spec), kind, Static(loss_fn), layer_keys, static_kwargs,
+    return _layer_stats(Static(spec), kind, Static(loss_fn), layer_keys, static_kwargs, stat,
                         state, inputs, dynamic_kwargs)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
-def _layer_stats(spec, kind, loss_fn, layer_keys, static_kwargs, state, inputs, dynamic_kwargs):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4, 5))
+def _layer_stats(spec, kind, loss_fn, layer_keys, static_kwargs, stat, state, inputs, dynamic_kwargs):
     spec, loss_fn = spec.value, loss_fn.value
     kwargs = {**dict(static_kwargs), **dynamic_kwargs}
     # Also tells the shapes of the perturbations; XLA drops it when unused.
     _, calls = _outputs(spec, kind, state, inputs, kwargs, layer_keys)
     if kind == "activation":
-        return _per_layer(calls, [y for _, _, y in calls])
+        return _per_layer(calls, [y for _, _, y in calls], stat)
 
     def loss_of(eps):
         out, _ = _outputs(spec, kind, state, inputs, kwargs, layer_keys, eps)
@@ -187,7 +200,7 @@ def _layer_stats(spec, kind, loss_fn, layer_keys, static_kwargs, state, inputs, 
         return loss
 
     grads = jax.grad(loss_of)([jnp.zeros_like(y) for _, _, y in calls])
-    return _per_layer(calls, grads)
+    return _per_layer(calls, grads, stat)
 
 
 def nnx_split(model):

@@ -57,6 +57,7 @@ Example:
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from typing import Callable, NamedTuple
 
@@ -68,6 +69,15 @@ from . import _checks, _repr
 
 RULES = ("highest", "lowest", "exclusive", "random", "threshold", "magnitude")
 BUDGETS = ("layer", "global")
+#: Unit statistics of a layer's outputs y (or output gradients) over the examined data;
+#: ``"abs_mean"`` is the paper's rule, the others are ablations of it:
+#: ``"abs_mean"`` \|mean y\|, ``"signed_mean"`` mean y, ``"mean_abs"`` mean \|y\|,
+#: ``"relu_mean"`` mean max(y, 0) (the post-activation of a ReLU layer).
+STATISTICS = ("abs_mean", "signed_mean", "mean_abs", "relu_mean")
+#: What :func:`select` does with the classifier layer (the last Dense layer):
+#: ``"rule"`` treats it like any other layer (the official code), ``"exclude"``
+#: selects none of it, ``"target_row"`` only the target class's row.
+CLASSIFIER = ("rule", "exclude", "target_row")
 # Rules whose choice of units or entries is random as a whole: a forgotten key
 # would silently give every "random baseline" the same draw, so one is required.
 KEYED_RULES = ("exclusive", "random", "threshold")
@@ -76,12 +86,16 @@ KEYED_RULES = ("exclusive", "random", "threshold")
 # --------------------------------------------------------------------------- unit scores
 
 
-def activation_scores(model, variables, inputs, *, layers=None, **apply_kwargs) -> dict:
+def activation_scores(model, variables, inputs, *, layers=None, statistic: str = "abs_mean",
+                      **apply_kwargs) -> dict:
     r"""Activation score of every unit: \|mean of the layer's output\| over the examined data.
 
     s_j = \| mean_{n, spatial} y_{n, …, j} \|, y = the layer's return value
     (pre-activation), for every eligible layer, from one jitted forward pass.
     A layer called several times gets the mean of its per-call means.
+    ``statistic`` swaps the reduction for an ablation (:data:`STATISTICS`):
+    ``"signed_mean"`` mean y (no \|·\|), ``"mean_abs"`` mean \|y\|,
+    ``"relu_mean"`` mean max(y, 0), the post-activation of a ReLU layer.
 
     Args:
       model: a linen ``nn.Module`` or an nnx ``nnx.Module``; its code is not changed.
@@ -96,6 +110,8 @@ def activation_scores(model, variables, inputs, *, layers=None, **apply_kwargs) 
         through ``__call__`` are scored.
       **apply_kwargs: extra keyword arguments for ``model.apply`` (linen) or
         the nnx call, e.g. ``train=False``; arrays are traced, other values static.
+      statistic: the unit statistic, one of :data:`STATISTICS` (static);
+        ``"abs_mean"`` (default) is the paper's rule.
 
     Returns:
       dict mapping each scored layer's path (a tuple of keys into the params,
@@ -108,13 +124,15 @@ def activation_scores(model, variables, inputs, *, layers=None, **apply_kwargs) 
       >>> variables = {"params": {"kernel": jnp.array([[1.0, -2.0]]), "bias": jnp.zeros(2)}}
       >>> sel.activation_scores(model, variables, jnp.array([[1.0], [3.0]]))
       {(): Array([2., 4.], dtype=float32)}
+      >>> sel.activation_scores(model, variables, jnp.array([[1.0], [3.0]]), statistic="relu_mean")
+      {(): Array([2., 0.], dtype=float32)}
     """
     return _model_scores("selection.activation_scores", "activation", model, variables, inputs,
-                         None, layers, apply_kwargs)
+                         None, layers, apply_kwargs, statistic)
 
 
 def gradient_scores(model, variables, inputs, loss_fn: Callable, *, layers=None,
-                    **apply_kwargs) -> dict:
+                    statistic: str = "abs_mean", **apply_kwargs) -> dict:
     r"""Output-gradient score of every unit: \|mean of ∂loss/∂(layer output)\|.
 
     s_j = \| mean_{n, spatial} ∂loss_fn(model(inputs)) / ∂y_{n, …, j} \|, from one
@@ -124,6 +142,9 @@ def gradient_scores(model, variables, inputs, loss_fn: Callable, *, layers=None,
 
     Args:
       model, variables, inputs, layers, \*\*apply_kwargs: as in :func:`activation_scores`.
+      statistic: ``"abs_mean"`` (default, the paper's), ``"signed_mean"`` or
+        ``"mean_abs"`` of the output gradients (static; ``"relu_mean"`` is for
+        activations only).
       loss_fn: ``loss_fn(outputs) -> scalar``, outputs being what the model
         returns (static; reuse one function object so the compiled pass is
         reused). Close over labels, e.g. the mean cross-entropy of U.
@@ -144,11 +165,15 @@ def gradient_scores(model, variables, inputs, loss_fn: Callable, *, layers=None,
                             "pass e.g. lambda logits: jnp.mean("
                             "optax.softmax_cross_entropy_with_integer_labels(logits, y)).",
                             kind=TypeError)
+    if statistic == "relu_mean":
+        raise _checks.error("selection.gradient_scores", "statistic", repr(statistic),
+                            "'abs_mean', 'signed_mean' or 'mean_abs' for output gradients",
+                            "use relu_mean with activation_scores (it is a post-activation statistic).")
     return _model_scores("selection.gradient_scores", "gradient", model, variables, inputs,
-                         loss_fn, layers, apply_kwargs)
+                         loss_fn, layers, apply_kwargs, statistic)
 
 
-def unit_scores(outputs: Mapping, *, unit_ndim: int = 1) -> dict:
+def unit_scores(outputs: Mapping, *, unit_ndim: int = 1, statistic: str = "abs_mean") -> dict:
     r"""Unit scores from layer outputs (or output gradients) you captured yourself.
 
     s_j = \| mean over all but the last ``unit_ndim`` axes of y_{…, j} \|, the
@@ -159,6 +184,7 @@ def unit_scores(outputs: Mapping, *, unit_ndim: int = 1) -> dict:
       outputs: mapping from layer path to that layer's output (or the
         gradient of the loss with respect to it) on the examined data.
       unit_ndim: number of trailing axes that index units (static).
+      statistic: one of :data:`STATISTICS` (default ``"abs_mean"``, the formula above).
 
     Returns:
       dict with the same keys and 1-D score arrays.
@@ -167,10 +193,13 @@ def unit_scores(outputs: Mapping, *, unit_ndim: int = 1) -> dict:
       >>> import jax.numpy as jnp, gifjax.selection as sel
       >>> sel.unit_scores({"dense1": jnp.array([[1.0, -2.0], [3.0, 0.0]])})
       {'dense1': Array([2., 1.], dtype=float32)}
+      >>> sel.unit_scores({"dense1": jnp.array([[1.0, -2.0], [3.0, 0.0]])}, statistic="signed_mean")
+      {'dense1': Array([ 2., -1.], dtype=float32)}
     """
     from . import _capture  # imports flax; deferred so that `import gifjax` stays light
 
     fn = "selection.unit_scores"
+    _checks.check_choice(fn, "statistic", statistic, STATISTICS)
     if not isinstance(outputs, Mapping) or not outputs:
         raise _checks.error(fn, "outputs", type(outputs).__name__, "a non-empty mapping path -> array",
                             "pass e.g. {'dense1': hidden_pre_activation}.", kind=TypeError)
@@ -181,13 +210,16 @@ def unit_scores(outputs: Mapping, *, unit_ndim: int = 1) -> dict:
             raise _checks.error(fn, "outputs", f"shape {y.shape} for {path!r}",
                                 f"at least unit_ndim={unit_ndim} axes",
                                 "pass the layer's output with its unit axes last.")
-        scores[path] = jnp.abs(_capture.unit_mean(y, unit_ndim))
+        stat = _capture.statistic(y, unit_ndim, statistic)
+        scores[path] = jnp.abs(stat) if _capture.STATISTICS[statistic][1] else stat
     return scores
 
 
-def _model_scores(fn, kind, model, variables, inputs, loss_fn, layers, apply_kwargs) -> dict:
+def _model_scores(fn, kind, model, variables, inputs, loss_fn, layers, apply_kwargs,
+                  statistic="abs_mean") -> dict:
     from . import _capture  # imports flax; deferred so that `import gifjax` stays light
 
+    _checks.check_choice(fn, "statistic", statistic, STATISTICS)
     framework = _capture.framework(model)
     if framework is None:
         raise _checks.error(fn, "model", type(model).__name__, "a flax.linen.Module or flax.nnx.Module",
@@ -212,7 +244,7 @@ def _model_scores(fn, kind, model, variables, inputs, loss_fn, layers, apply_kwa
     static, dynamic = _split_kwargs(fn, apply_kwargs)
     found = list(_leaf_layers(params).values())
     keys = tuple(tuple(map(str, layer.path)) for layer in found)
-    stats = _capture.layer_stats(spec, kind, loss_fn, keys, static, state, inputs, dynamic)
+    stats = _capture.layer_stats(spec, kind, loss_fn, keys, static, state, inputs, dynamic, statistic)
     if not stats:
         if layers is None:
             names = ", ".join(t.__name__ for t in _capture.LAYER_TYPES[framework])
@@ -372,7 +404,8 @@ def _rows(fn, path, layer, shapes, units) -> tuple:
 
 
 def select(params, scores, ratio: float, *, rule: str = "highest", key=None, budget: str | None = None,
-           threshold: float = 1.0, threshold_step: float = 0.01):
+           threshold: float = 1.0, threshold_step: float = 0.01, classifier: str = "rule",
+           target: int | None = None, classifier_layer=None):
     r"""Element mask of target parameters θ_t from unit scores and a selection rule.
 
     **Budget.** With ``budget="layer"`` (default) every scored layer ℓ
@@ -403,6 +436,26 @@ def select(params, scores, ratio: float, *, rule: str = "highest", key=None, bud
                    largest \|score\| are selected, over all parameters (global)
     =============  ================================================================
 
+    **The classifier layer** (the last Dense layer, see :func:`classifier_layer`;
+    its units are the logit rows) is handled by ``classifier``, for every rule:
+
+    ================  ===============================================================
+    ``"rule"``        like any other layer (the official code; default)
+    ``"exclude"``     none of it; its budget is **dropped**, not given to the other
+                      layers, so the hidden layers' masks equal those of ``"rule"``
+                      and the two masks differ only in the classifier
+    ``"target_row"``  only unit ``target`` (the removed / backdoor class's row):
+                      min(c_ℓ, unit size) of its entries, c_ℓ = floor(ratio · size_ℓ)
+                      the classifier's own budget — the whole row with its bias
+                      when c_ℓ covers it, else c_ℓ random entries of its kernel slice
+    ================  ===============================================================
+
+    With ``budget="global"`` the classifier leaves the shared ranking under
+    ``"exclude"`` and ``"target_row"`` (the latter then gets its own c_ℓ).
+    At small ratios the classifier's budget is less than one logit row, so
+    under ``"rule"`` it all lands in the one row with the top score, which need
+    not be the target's (:func:`report` says which rows a mask touches).
+
     **Randomness** comes from ``key`` only: the same key gives the same mask.
     ``exclusive``, ``random`` and ``threshold`` need a key; ``highest`` and
     ``lowest`` use ``jax.random.key(0)`` when none is given (it only picks the
@@ -422,6 +475,11 @@ def select(params, scores, ratio: float, *, rule: str = "highest", key=None, bud
       key: ``jax.random.key`` (or legacy uint32 key).
       budget: ``"layer"`` or ``"global"``; ``None`` means ``"layer"`` (``"global"`` for ``magnitude``).
       threshold, threshold_step: τ's start and decrement for ``rule="threshold"``.
+      classifier: one of :data:`CLASSIFIER` (not for ``magnitude``).
+      target: the class whose row ``classifier="target_row"`` selects (an int
+        in [0, units of the classifier layer)).
+      classifier_layer: the classifier's path in ``scores`` (a tuple or
+        ``"a/b"`` string); ``None``: :func:`classifier_layer` of ``scores``.
 
     Returns:
       boolean mask with exactly ``params``' structure and shapes. It is
@@ -435,6 +493,9 @@ def select(params, scores, ratio: float, *, rule: str = "highest", key=None, bud
       >>> mask = sel.select(params, scores, 0.5)  # floor(0.5 · 16) = 8 = units 1 and 2, whole
       >>> mask["dense"]["bias"]
       Array([False,  True,  True, False], dtype=bool)
+      >>> row = sel.select(params, scores, 0.5, classifier="target_row", target=3)  # 8 ≥ a row's 4
+      >>> row["dense"]["bias"], row["dense"]["kernel"][:, 3]
+      (Array([False, False, False,  True], dtype=bool), Array([ True,  True,  True], dtype=bool))
 
     Warning:
       Scores from different layers live on different scales; ``budget="global"``
@@ -450,6 +511,14 @@ def select(params, scores, ratio: float, *, rule: str = "highest", key=None, bud
         raise _checks.error(fn, "threshold/threshold_step", f"{threshold}/{threshold_step}",
                             "a finite threshold and a step > 0",
                             "pass e.g. threshold=1.0, threshold_step=0.01.")
+    _checks.check_choice(fn, "classifier", classifier, CLASSIFIER)
+    if rule == "magnitude" and classifier != "rule":
+        raise _checks.error(fn, "classifier", repr(classifier), "'rule' for rule='magnitude'",
+                            "magnitude ranks entries, not units; use a unit rule (e.g. 'highest') "
+                            "to control the classifier layer.")
+    if classifier != "target_row" and target is not None:
+        raise _checks.error(fn, "target", repr(target), f"None for classifier={classifier!r}",
+                            "pass classifier='target_row' with target, or drop target.")
     leaves, treedef = jax.tree_util.tree_flatten(params)
     masks = [np.zeros(np.shape(leaf), bool) for leaf in leaves]
 
@@ -465,17 +534,35 @@ def select(params, scores, ratio: float, *, rule: str = "highest", key=None, bud
         _unflatten_into(masks, chosen)
     else:
         scored = _scored_layers(fn, params, scores)
-        for group in ([[s] for s in scored] if budget == "layer" else [scored]):
+        head = None
+        if classifier != "rule":
+            path = _find_classifier(fn, scored, classifier_layer)
+            head = next(s for s in scored if s.layer.path == path)
+            scored = [s for s in scored if s is not head]
+        for group in ([[s] for s in scored] if budget == "layer" else [scored] if scored else []):
             count = math.floor(ratio * sum(s.unit_size * s.scores.size for s in group))
             rng = np.random.default_rng([*words, group[0].layer.leaves[0]])
             _select_group(group, masks, count, rule, rng, threshold, threshold_step)
+        if classifier == "target_row":
+            units = head.scores.size
+            if (not isinstance(target, (int, np.integer)) or isinstance(target, bool)
+                    or not 0 <= target < units):
+                raise _checks.error(fn, "target", repr(target),
+                                    f"an int in [0, {units}) (a unit of the classifier layer "
+                                    f"{'/'.join(map(str, head.layer.path))})",
+                                    "pass the removed / backdoor class, e.g. target=0.")
+            count = min(math.floor(ratio * head.unit_size * units), head.unit_size)
+            rng = np.random.default_rng([*words, head.layer.leaves[0]])
+            _select_group([head], masks, count, rule, rng, threshold, threshold_step,
+                          order=np.array([int(target)]))
 
     return jax.tree_util.tree_unflatten(treedef, [jnp.asarray(m) for m in masks])
 
 
-def _select_group(group, masks, count, rule, rng, threshold, step):
-    """Set ``count`` entries of the group's layers in ``masks`` (params' leaves) by ``rule``."""
-    if rule == "random":
+def _select_group(group, masks, count, rule, rng, threshold, step, order=None):
+    """Set ``count`` entries of the group's layers in ``masks`` (params' leaves) by ``rule``
+    (or in the given ``order`` of units, whatever the rule)."""
+    if rule == "random" and order is None:
         arrays = [masks[i] for s in group for i in s.layer.leaves]
         chosen = np.zeros(sum(m.size for m in arrays), bool)
         chosen[rng.choice(chosen.size, count, replace=False)] = True
@@ -487,7 +574,8 @@ def _select_group(group, masks, count, rule, rng, threshold, step):
     layer_of = np.concatenate([np.full(s.scores.size, g) for g, s in enumerate(group)])
     column = np.concatenate([np.arange(s.scores.size) for s in group])
     size = np.concatenate([np.full(s.scores.size, s.unit_size) for s in group])
-    order = _order(rule, np.concatenate([s.scores for s in group]), size, count, rng, threshold, step)
+    if order is None:
+        order = _order(rule, np.concatenate([s.scores for s in group]), size, count, rng, threshold, step)
     whole, partial, rest = _fill(order, size, count)
     for g, layer_views in enumerate(views):
         for v in layer_views:
@@ -578,6 +666,57 @@ def _key_words(fn, key, rule) -> list:
                         kind=TypeError)
 
 
+# --------------------------------------------------------------------------- the classifier layer
+
+
+def _natural(path) -> tuple:
+    """Sort key of a layer path comparing embedded numbers as numbers (Dense_10 after Dense_2)."""
+    return tuple(tuple(int(t) if i % 2 else t for i, t in enumerate(re.split(r"(\d+)", str(k))))
+                 for k in path)
+
+
+def _find_classifier(fn, scored, classifier_layer) -> tuple:
+    if classifier_layer is None:
+        return max((s.layer.path for s in scored), key=_natural)
+    want = (tuple(classifier_layer.split("/")) if isinstance(classifier_layer, str)
+            else tuple(classifier_layer) if isinstance(classifier_layer, (tuple, list)) else (classifier_layer,))
+    for s in scored:
+        if tuple(map(str, s.layer.path)) == tuple(map(str, want)):
+            return s.layer.path
+    known = ", ".join(repr(s.layer.path) for s in scored)
+    raise _checks.error(fn, "classifier_layer", repr(classifier_layer), f"a scored layer's path: {known}",
+                        "pass the path of the last Dense layer as it appears in scores, or None.")
+
+
+def classifier_layer(scores: Mapping):
+    """The path of the classifier layer among scored layers: the last one in natural order.
+
+    Paths are compared key by key with embedded numbers compared as numbers,
+    so ``Dense_10`` comes after ``Dense_2`` and, in Flax's automatic names,
+    ``Dense_*`` after ``Conv_*``: for the usual conv/dense stacks whose last
+    Dense layer produces the logits this is that layer. Pass an explicit
+    ``classifier_layer=`` to :func:`select` / :func:`report` where it is not.
+
+    Args:
+      scores: mapping layer path → unit scores (e.g. from :func:`activation_scores`).
+
+    Returns:
+      the path, as a tuple of the keys used in ``scores``.
+
+    Example:
+      >>> import jax.numpy as jnp, gifjax.selection as sel
+      >>> sel.classifier_layer({("Conv_0",): jnp.ones(4), ("Dense_2",): jnp.ones(5),
+      ...                       ("Dense_10",): jnp.ones(3)})
+      ('Dense_10',)
+    """
+    flat = _flatten_scores(scores) if isinstance(scores, Mapping) and scores else None
+    if not flat:
+        raise _checks.error("selection.classifier_layer", "scores", type(scores).__name__,
+                            "a non-empty mapping layer path -> unit scores",
+                            "pass the dict returned by activation_scores / gradient_scores.", kind=TypeError)
+    return max((path for path, _ in flat.values()), key=_natural)
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -594,12 +733,23 @@ class LayerReport(NamedTuple):
 
 @_repr.compact_repr()
 class Report(NamedTuple):
-    """What a mask selects: per scored layer, and in total."""
+    """What a mask selects: per scored layer, in total, and in the classifier layer."""
 
     layers: dict         # layer path → LayerReport
     parameters: int      # selected entries in the whole mask
     size: int            # all entries of the mask
     fraction: float      # parameters / size
+    classifier: tuple | None = None   # path of the classifier layer (None without scores)
+    classifier_rows: tuple = ()       # its units (logit rows) with at least one selected entry
+    target: int | None = None         # the class asked about
+    target_row: bool | None = None    # whether the target's row is among classifier_rows
+
+    def rows_text(self) -> str:
+        """The classifier rows as a short text, e.g. ``"1, 7 (target 0: no)"``; ``"none"`` when untouched."""
+        rows = ", ".join(map(str, self.classifier_rows)) or "none"
+        if self.target is None:
+            return rows
+        return f"{rows} (target {self.target}: {'yes' if self.target_row else 'no'})"
 
     def table(self) -> str:
         """The report as a plain-text table."""
@@ -609,16 +759,28 @@ class Report(NamedTuple):
             lines.append(f"{name:<32}{r.units:>8}{r.partial_units:>9}{r.parameters:>10}{r.size:>10}"
                          f"{r.fraction:>10.4f}")
         lines.append(f"{'total':<32}{'':>8}{'':>9}{self.parameters:>10}{self.size:>10}{self.fraction:>10.4f}")
+        if self.classifier is not None:
+            name = "/".join(map(str, self.classifier)) or "(root)"
+            lines.append(f"classifier rows ({name}): {self.rows_text()}")
         return "\n".join(lines)
 
 
-def report(mask, scores: Mapping | None = None) -> Report:
-    """Describe a mask: per scored layer, the units and parameters it selects.
+def report(mask, scores: Mapping | None = None, *, target: int | None = None,
+           classifier_layer=None) -> Report:
+    """Describe a mask: per scored layer, the units and parameters it selects, and its classifier rows.
+
+    The classifier layer (:func:`classifier_layer` of ``scores``, or the
+    path given) has one unit per class, so its units touched by the mask —
+    ``classifier_rows``, those with at least one selected entry — say which
+    classes' logits the update can move directly; ``target_row`` says whether
+    ``target``'s row (the removed / backdoor class) is among them.
 
     Args:
       mask: boolean mask like the params (concrete values).
       scores: the unit scores the layers were ranked by (they name the layers
         and their numbers of units); ``None`` for the totals only.
+      target: optional class whose row to look for (needs ``scores``).
+      classifier_layer: the classifier's path; ``None``: :func:`classifier_layer`.
 
     Returns:
       :class:`Report`; ``report(...).table()`` prints it.
@@ -629,18 +791,37 @@ def report(mask, scores: Mapping | None = None) -> Report:
       >>> scores = {("dense",): jnp.array([0.1, 0.9, 0.5, 0.2])}
       >>> sel.report(sel.select(params, scores, 0.4), scores).layers  # 6 = unit 1 + 2 entries of unit 2
       {('dense',): LayerReport(units=1, partial_units=1, parameters=6, size=16, fraction=0.375)}
+      >>> r = sel.report(sel.select(params, scores, 0.25), scores, target=0)
+      >>> r.classifier_rows, r.target_row, r.rows_text()   # 4 entries: all in unit 1
+      ((1,), False, '1 (target 0: no)')
     """
+    fn = "selection.report"
     leaves = [np.asarray(m, bool) for m in jax.tree_util.tree_leaves(mask)]
-    layers = {}
-    for s in ([] if scores is None else _scored_layers("selection.report", mask, scores)):
+    if target is not None and scores is None:
+        raise _checks.error(fn, "scores", None, "the unit scores when target is given",
+                            "pass the scores the mask was selected with, so the classifier layer is known.")
+    layers, touched = {}, {}
+    scored = [] if scores is None else _scored_layers(fn, mask, scores)
+    for s in scored:
         per_unit = sum(leaves[i].reshape(r, s.scores.size).sum(0) for i, r in zip(s.layer.leaves, s.rows))
         size = s.unit_size * s.scores.size
+        touched[s.layer.path] = tuple(int(j) for j in np.flatnonzero(per_unit))
         layers[s.layer.path] = LayerReport(int(np.sum(per_unit == s.unit_size)),
                                            int(np.sum((per_unit > 0) & (per_unit < s.unit_size))),
                                            int(per_unit.sum()), size, float(per_unit.sum() / size))
     selected, total = int(sum(m.sum() for m in leaves)), int(sum(m.size for m in leaves))
-    return Report(layers, selected, total, selected / max(total, 1))
+    if not scored:
+        return Report(layers, selected, total, selected / max(total, 1))
+    head = _find_classifier(fn, scored, classifier_layer)
+    units = next(s.scores.size for s in scored if s.layer.path == head)
+    if target is not None and (not isinstance(target, (int, np.integer)) or isinstance(target, bool)
+                               or not 0 <= target < units):
+        raise _checks.error(fn, "target", repr(target), f"None or an int in [0, {units})",
+                            "pass the removed / backdoor class, e.g. target=0.")
+    rows = touched[head]
+    return Report(layers, selected, total, selected / max(total, 1), head, rows,
+                  None if target is None else int(target), None if target is None else int(target) in rows)
 
 
-__all__ = ["RULES", "BUDGETS", "KEYED_RULES", "activation_scores", "gradient_scores", "unit_scores",
-           "select", "report", "Report", "LayerReport"]
+__all__ = ["RULES", "BUDGETS", "KEYED_RULES", "STATISTICS", "CLASSIFIER", "activation_scores",
+           "gradient_scores", "unit_scores", "select", "report", "classifier_layer", "Report", "LayerReport"]

@@ -593,3 +593,131 @@ def test_bad_nnx_variables():
     model = NnxNet(nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"(?s)activation_scores: bad `variables`.*nnx\.state\(model, nnx\.Param\)"):
         sel.activation_scores(model, {"conv": jnp.zeros(3)}, jnp.zeros((2, 5, 5, 1)))
+
+
+# --------------------------------------------------------------------------- issue 13: statistics, classifier controls
+
+
+def test_statistics_match_plain_jnp(mlp):
+    """The score ablations through a model: mean of relu(y) (activations), signed mean of output gradients."""
+    model, variables, x, y = mlp
+    ref = mlp_reference(variables["params"], x, y)
+    act = sel.activation_scores(model, variables, x, statistic="relu_mean")
+    for path, (h, _) in ref.items():
+        close(act[path], jax.nn.relu(h.reshape(-1, h.shape[-1])).mean(0))
+    signed = sel.gradient_scores(model, variables, x, lambda out: xent(out, y), statistic="signed_mean")
+    out = ref[("Dense_2",)][0]
+    close(signed[("Dense_2",)], jnp.mean((jax.nn.softmax(out) - jax.nn.one_hot(y, 2)) / len(y), 0))
+
+
+@pytest.mark.slow
+def test_other_statistics_match_plain_jnp(mlp):
+    model, variables, x, y = mlp
+    ref = mlp_reference(variables["params"], x, y)
+    flat = lambda a: a.reshape(-1, a.shape[-1])
+    for statistic, expect in [("signed_mean", lambda h: flat(h).mean(0)),
+                              ("mean_abs", lambda h: jnp.abs(flat(h)).mean(0))]:
+        act = sel.activation_scores(model, variables, x, statistic=statistic)
+        for path, (h, _) in ref.items():
+            close(act[path], expect(h))
+
+
+def test_unit_scores_statistics():
+    outs = {"a": jnp.array([[1.0, -3.0], [-2.0, 1.0]])}
+    close(sel.unit_scores(outs, statistic="signed_mean")["a"], [-0.5, -1.0])
+    close(sel.unit_scores(outs, statistic="mean_abs")["a"], [1.5, 2.0])
+    close(sel.unit_scores(outs, statistic="relu_mean")["a"], [0.5, 0.5])
+    close(sel.unit_scores(outs)["a"], [0.5, 1.0])
+
+
+def _stack():
+    """A 3-layer dict model: Dense_0 (4→6), Dense_1 (6→5), Dense_10 (5→4 classes: the classifier)."""
+    params = {"Dense_0": {"kernel": jnp.zeros((4, 6)), "bias": jnp.zeros(6)},
+              "Dense_1": {"kernel": jnp.zeros((6, 5)), "bias": jnp.zeros(5)},
+              "Dense_10": {"kernel": jnp.zeros((5, 4)), "bias": jnp.zeros(4)}}
+    rng = np.random.default_rng(0)
+    scores = {("Dense_0",): rng.random(6), ("Dense_1",): rng.random(5),
+              ("Dense_10",): np.array([0.1, 0.9, 0.3, 0.2])}  # class 1's logit row scores highest
+    return params, scores
+
+
+def test_classifier_layer_is_the_last_in_natural_order():
+    params, scores = _stack()
+    assert sel.classifier_layer(scores) == ("Dense_10",)               # not Dense_1 (string order)
+    assert sel.classifier_layer({"Conv_0": jnp.ones(2), "Dense_0": jnp.ones(2)}) == ("Dense_0",)
+    assert sel.classifier_layer({("layers", 2): jnp.ones(2), ("layers", 10): jnp.ones(2)}) == ("layers", 10)
+
+
+@pytest.mark.parametrize("rule", ["highest", "lowest", "exclusive", "random", "threshold"])
+def test_classifier_controls_apply_to_every_rule(rule):
+    params, scores = _stack()
+    ratio = 0.2 if rule != "threshold" else 0.3
+    kw = dict(rule=rule, key=jax.random.key(3), threshold=0.5)
+    base = sel.select(params, scores, ratio, **kw)
+    excl = sel.select(params, scores, ratio, classifier="exclude", **kw)
+    row = sel.select(params, scores, ratio, classifier="target_row", target=2, **kw)
+    for m in (excl, row):  # hidden layers: exactly the mask of the plain rule
+        for name in ("Dense_0", "Dense_1"):
+            assert leaves_equal(m[name], base[name])
+    assert not any(bool(a.any()) for a in jax.tree_util.tree_leaves(excl["Dense_10"]))   # budget dropped
+    budget = math.floor(ratio * 24)                                  # classifier size 5·4 + 4 = 24
+    assert sum(int(a.sum()) for a in jax.tree_util.tree_leaves(base["Dense_10"])) == budget
+    head = row["Dense_10"]
+    assert int(head["kernel"].sum()) + int(head["bias"].sum()) == min(budget, 6)
+    assert not np.asarray(head["kernel"])[:, [0, 1, 3]].any() and not np.asarray(head["bias"])[[0, 1, 3]].any()
+
+
+def test_target_row_takes_the_whole_row_when_the_budget_covers_it_and_report_says_so():
+    params, scores = _stack()
+    row = sel.select(params, scores, 0.5, classifier="target_row", target=0)   # budget 12 ≥ row 6
+    assert row["Dense_10"]["bias"].tolist() == [True, False, False, False]
+    assert row["Dense_10"]["kernel"][:, 0].all() and int(row["Dense_10"]["kernel"].sum()) == 5
+    r = sel.report(row, scores, target=0)
+    assert r.classifier == ("Dense_10",) and r.classifier_rows == (0,) and r.target_row is True
+    assert "classifier rows (Dense_10): 0 (target 0: yes)" in r.table()
+    # The official rule at 20 %: a 4-entry budget < one 6-entry row, all of it in class 1's row.
+    plain = sel.report(sel.select(params, scores, 0.2), scores, target=0)
+    assert plain.classifier_rows == (1,) and plain.target_row is False
+    assert plain.rows_text() == "1 (target 0: no)"
+    excl = sel.report(sel.select(params, scores, 0.2, classifier="exclude"), scores, target=0)
+    assert excl.classifier_rows == () and excl.rows_text() == "none (target 0: no)"
+    assert sel.report(row).classifier is None                         # no scores: totals only
+
+
+def test_classifier_controls_with_a_global_budget_and_an_explicit_layer():
+    params, scores = _stack()
+    total = 4 * 6 + 6 + 6 * 5 + 5 + 24
+    base = sel.select(params, scores, 0.25, budget="global")
+    assert sum(int(a.sum()) for a in jax.tree_util.tree_leaves(base)) == math.floor(0.25 * total)
+    excl = sel.select(params, scores, 0.25, budget="global", classifier="exclude")
+    assert sum(int(a.sum()) for a in jax.tree_util.tree_leaves(excl)) == math.floor(0.25 * (total - 24))
+    assert not any(bool(a.any()) for a in jax.tree_util.tree_leaves(excl["Dense_10"]))
+    row = sel.select(params, scores, 0.5, classifier="target_row", target=3, classifier_layer="Dense_1")
+    assert int(row["Dense_1"]["bias"].sum()) == 1 and bool(row["Dense_1"]["bias"][3])
+    assert sum(int(a.sum()) for a in jax.tree_util.tree_leaves(row["Dense_10"])) == 12  # a hidden layer now
+
+
+def test_classifier_control_errors():
+    params, scores = _stack()
+    with pytest.raises(ValueError, match=r"gifjax\.selection\.select: bad `classifier`: got 'drop'"):
+        sel.select(params, scores, 0.1, classifier="drop")
+    with pytest.raises(ValueError, match=r"gifjax\.selection\.select: bad `target`: got None; expected an int in \[0, 4\)"):
+        sel.select(params, scores, 0.1, classifier="target_row")
+    with pytest.raises(ValueError, match=r"gifjax\.selection\.select: bad `target`: got 4; expected an int in \[0, 4\)"):
+        sel.select(params, scores, 0.1, classifier="target_row", target=4)
+    with pytest.raises(ValueError, match=r"gifjax\.selection\.select: bad `target`: got 1; expected None for classifier='rule'"):
+        sel.select(params, scores, 0.1, target=1)
+    with pytest.raises(ValueError, match=r"gifjax\.selection\.select: bad `classifier_layer`: got 'head'"):
+        sel.select(params, scores, 0.1, classifier="exclude", classifier_layer="head")
+    with pytest.raises(ValueError, match=r"gifjax\.selection\.select: bad `classifier`: got 'exclude'; expected 'rule' for rule='magnitude'"):
+        sel.select(params, params, 0.1, rule="magnitude", classifier="exclude")
+    with pytest.raises(ValueError, match=r"gifjax\.selection\.report: bad `target`: got 7"):
+        sel.report(sel.select(params, scores, 0.1), scores, target=7)
+    with pytest.raises(ValueError, match=r"gifjax\.selection\.report: bad `scores`: got None"):
+        sel.report(sel.select(params, scores, 0.1), target=0)
+    with pytest.raises(ValueError, match=r"gifjax\.selection\.unit_scores: bad `statistic`: got 'max'"):
+        sel.unit_scores({"a": jnp.ones((2, 2))}, statistic="max")
+    with pytest.raises(ValueError, match=r"gifjax\.selection\.gradient_scores: bad `statistic`: got 'relu_mean'"):
+        sel.gradient_scores(nn.Dense(2), {"params": {}}, jnp.ones((1, 1)), jnp.sum, statistic="relu_mean")
+    with pytest.raises(TypeError, match=r"gifjax\.selection\.classifier_layer: bad `scores`"):
+        sel.classifier_layer({})
