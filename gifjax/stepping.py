@@ -286,18 +286,23 @@ def along(fn: Callable, params, direction, steps, *data):
 # ----------------------------------------------------------------------------- the choice
 
 
-def best_index(values, maximize: bool = False):
+def best_index(values, maximize: bool = False, *, where=None):
     """Index of the best finite value: the smallest (the largest with ``maximize=True``).
 
-        k* = argmin_k values[k]  over k with values[k] finite   (argmax if maximize)
+        k* = argmin_k values[k]  over k with values[k] finite and where[k]   (argmax if maximize)
 
     Ties go to the **first** index (the smallest step on an increasing grid);
-    NaN and ±Inf never win; if no value is finite the answer is 0 (on a
-    grid starting at s = 0: the original model).
+    NaN and ±Inf never win; if no value is finite (or none is allowed by
+    ``where``) the answer is 0 (on a grid starting at s = 0: the original model).
+
+    ``where`` is a constraint on the steps. The GIF paper's class-removal code
+    keeps the best F1 only among steps whose self-accuracy is below 0.5 %:
+    ``best_index(f1, maximize=True, where=self_acc < 0.005)``.
 
     Args:
       values: 1-D array of K >= 1 real numbers (NumPy or JAX; traced allowed).
       maximize: look for the largest value instead (static).
+      where: optional boolean array of K entries: only steps where it is True compete.
 
     Returns:
       A Python ``int`` for concrete ``values`` (compared in NumPy at their own
@@ -312,6 +317,8 @@ def best_index(values, maximize: bool = False):
       1
       >>> best_index([float("nan"), float("nan")])
       0
+      >>> best_index([0.2, 0.9, 0.8], maximize=True, where=[True, False, True])
+      2
     """
     name = "stepping.best_index"
     maximize = _check_flag(name, "maximize", maximize)
@@ -327,13 +334,23 @@ def best_index(values, maximize: bool = False):
                             kind=TypeError)
     if v.ndim != 1 or v.shape[0] == 0:
         raise _checks.error(name, "values", f"shape {tuple(v.shape)}", "a 1-D array of K >= 1 values", fix)
-    if isinstance(v, np.ndarray):
+    if where is not None:
+        allowed = where if not _checks.is_concrete(where) else np.asarray(where)
+        if np.dtype(allowed.dtype) != bool or tuple(allowed.shape) != tuple(v.shape):
+            raise _checks.error(name, "where", f"dtype {np.dtype(allowed.dtype)}, shape {tuple(allowed.shape)}",
+                                f"a boolean array of shape {tuple(v.shape)} (one flag per value)",
+                                "pass a comparison, e.g. where=self_acc < 0.005.",
+                                kind=TypeError if np.dtype(allowed.dtype) != bool else ValueError)
+    if isinstance(v, np.ndarray) and (where is None or isinstance(allowed, np.ndarray)):
         v = v.astype(np.float64)
-        key = np.where(np.isfinite(v), v if maximize else -v, -np.inf)
-        return int(np.argmax(key))  # argmax returns the first of equal maxima
+        ok = np.isfinite(v) if where is None else np.isfinite(v) & allowed
+        key = np.where(ok, v if maximize else -v, -np.inf)
+        # argmax returns the first of equal maxima; nothing allowed → 0 (the original model)
+        return int(np.argmax(key)) if ok.any() else 0
     v = v if jnp.issubdtype(v.dtype, jnp.floating) else v.astype(jnp.float32)
-    key = jnp.where(jnp.isfinite(v), v if maximize else -v, -jnp.inf)
-    return jnp.argmax(key)
+    ok = jnp.isfinite(v) if where is None else jnp.isfinite(v) & allowed
+    key = jnp.where(ok, v if maximize else -v, -jnp.inf)
+    return jnp.where(ok.any(), jnp.argmax(key), 0)
 
 
 def step_search(objective: Callable, params, delta, *data, steps=None, normalize: bool = False,

@@ -215,6 +215,21 @@ def test_best_index_rule():
     assert int(traced) == 2
 
 
+def test_best_index_where_keeps_the_best_among_allowed_steps():
+    """The official class-removal rule: best F1 only among steps with self-accuracy below 0.5 %."""
+    f1 = np.array([0.50, 0.97, 0.95, 0.90, np.nan, 0.60])
+    self_acc = np.array([0.90, 0.02, 0.004, 0.0, 0.0, 0.0])
+    assert best_index(f1, maximize=True) == 1
+    assert best_index(f1, maximize=True, where=self_acc < 0.005) == 2       # 0.97 is not allowed
+    assert best_index(f1, maximize=True, where=np.zeros(6, bool)) == 0      # none allowed: original
+    assert best_index(f1, maximize=True, where=np.arange(6) == 4) == 0      # only a NaN allowed
+    assert best_index([3.0, 1.0, 2.0], where=[True, False, True]) == 2      # minimisation too
+    traced = jax.jit(lambda v, w: best_index(v, maximize=True, where=w))(jnp.asarray(f1), jnp.asarray(self_acc < 0.005))
+    assert int(traced) == 2
+    none = jax.jit(lambda v, w: best_index(v, maximize=True, where=w))(jnp.asarray(f1), jnp.zeros(6, bool))
+    assert int(none) == 0
+
+
 # ----------------------------------------------------------------------------- errors
 
 
@@ -256,6 +271,11 @@ def test_errors_name_the_function_and_argument():
         best_index(np.zeros((2, 2)))
     with pytest.raises(TypeError, match=r"gifjax\.stepping\.best_index: bad `values`: got dtype complex"):
         best_index(np.ones(2, complex))
+    with pytest.raises(TypeError, match=r"gifjax\.stepping\.best_index: bad `where`: got dtype float64, shape \(2,\); "
+                                        r"expected a boolean array of shape \(2,\)"):
+        best_index(np.ones(2), where=np.ones(2))
+    with pytest.raises(ValueError, match=r"gifjax\.stepping\.best_index: bad `where`: got dtype bool, shape \(3,\)"):
+        best_index(np.ones(2), where=np.ones(3, bool))
     with pytest.raises(ValueError, match=r"gifjax\.stepping\.along: bad `steps`: got shape \(\)"):
         jax.jit(lambda s: along(OBJ, PARAMS, DELTA, s))(jnp.float32(1.0))  # checked when traced too
 
