@@ -184,6 +184,54 @@ def test_shared_mask_and_selection_rules(trained, digits):
     assert class_removal.removal_mask(model, v, digits, C, dataclasses.replace(cfg, method="if"))[0] is None
 
 
+def test_paper_protocol_hessian_drops_the_removed_class(digits):
+    """The official code estimates H on test images of the remaining classes only."""
+    hx, hy = class_removal.hessian_data(digits, C, dataclasses.replace(QUICK, protocol="paper", hessian_size=None))
+    keep = digits.test.y != C
+    np.testing.assert_array_equal(hy, digits.test.y[keep])
+    np.testing.assert_array_equal(hx, digits.test.x[keep])
+
+
+def test_classifier_controls_and_rows_on_the_task_mask(trained, digits):
+    model, v = trained
+    cfg = dataclasses.replace(QUICK, ratio=0.05)   # classifier budget 16 < one 33-entry logit row
+    x_u = digits.train.x[digits.train.y == C]
+    mean_logits = np.asarray(model.apply(v, x_u)).mean(0)
+    expected = {"abs_mean": int(np.argmax(np.abs(mean_logits))), "signed_logits": int(np.argmax(mean_logits))}
+    for statistic, row in expected.items():
+        mask, _, _ = class_removal.removal_mask(model, v, digits, C, dataclasses.replace(cfg, statistic=statistic))
+        assert common.classifier_rows(v["params"], mask, C) == ((row,), row == C)
+        hidden = mask["Dense_0"]
+    assert int(hidden["kernel"].sum() + hidden["bias"].sum()) == int(0.05 * (64 * 32 + 32))
+    mask, _, _ = class_removal.removal_mask(model, v, digits, C, dataclasses.replace(cfg, classifier="target_row"))
+    assert common.classifier_rows(v["params"], mask, C) == ((C,), True)
+    assert int(mask["Dense_1"]["kernel"].sum()) == int(0.05 * 330) and not bool(mask["Dense_1"]["bias"].any())
+    mask, _, _ = class_removal.removal_mask(model, v, digits, C, dataclasses.replace(cfg, classifier="exclude"))
+    assert common.classifier_rows(v["params"], mask, C) == ((), False)
+    assert leaves_equal(mask["Dense_0"], hidden)                  # hidden layers unchanged
+    assert common.classifier_rows(v["params"], None, C) == (tuple(range(10)), True)   # IF: all rows
+    assert common.rows_text((1,), False, C) == "1 (target 3: no)" and common.rows_text((), None) == "none"
+
+
+@pytest.mark.slow
+def test_official_step_rule_keeps_the_best_f1_among_steps_below_the_self_accuracy_bound(trained, digits):
+    model, v = trained
+    cfg = dataclasses.replace(QUICK, ratio=0.3)
+    free = class_removal.remove_class(model, v, digits, C, cfg, weight_decay=WD)
+    bound = class_removal.remove_class(model, v, digits, C, dataclasses.replace(cfg, max_self_acc=0.005),
+                                       weight_decay=WD)
+    np.testing.assert_array_equal(free.curve.f1, bound.curve.f1)   # same update, another choice
+    f1s, ok = np.asarray(bound.curve.f1), np.asarray(bound.curve.self_acc) < 0.005
+    k = int(np.flatnonzero(ok)[np.argmax(f1s[ok])]) if ok.any() else 0
+    assert bound.step == bound.steps[k] and bound.metrics == tuple(float(c[k]) for c in bound.test_curve)
+    assert free.step == free.steps[int(np.argmax(f1s))]
+    assert free.classifier_rows == bound.classifier_rows and isinstance(free.target_row, bool)
+
+
+def leaves_equal(a, b) -> bool:
+    return all(bool(jnp.all(x == y)) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+
 def test_predictions_along_matches_moving_the_parameters_by_hand(trained, digits):
     model, v = trained
     d = jax.tree_util.tree_map(lambda p: jnp.full_like(p, 0.01), v["params"])
@@ -225,6 +273,10 @@ def test_backdoor_experiment_pipeline():
     (TaskConfig(scores="weights"), r"bad `scores`: got 'weights'"),
     (TaskConfig(max_steps=0), r"bad `max_steps`: got 0; expected an int >= 1"),
     (TaskConfig(min_step=1.0, max_step=0.5), r"bad `max_step`: got 0\.5; expected a finite float >= min_step"),
+    (TaskConfig(classifier="none"), r"bad `classifier`: got 'none'; expected one of \['exclude', 'rule', 'target_row'\]"),
+    (TaskConfig(statistic="max"), r"bad `statistic`: got 'max'; expected one of"),
+    (TaskConfig(scores="gradients", statistic="post_activation"), r"bad `statistic`: got 'post_activation'"),
+    (TaskConfig(max_self_acc=0.0), r"bad `max_self_acc`: got 0\.0; expected None or a float in \(0, 1\]"),
 ])
 def test_bad_config_fails_early_with_a_clear_message(trained, digits, config, match):
     model, v = trained
@@ -243,3 +295,12 @@ def test_bad_class_and_trigger_fail_with_clear_messages(trained, digits):
         poison(digits, Trigger(target=10))
     with pytest.raises(ValueError, match=r"bad `amount`: got 300\.0; expected a number in \(0, 255\.0\]"):
         Trigger(amount=300.0).validate()
+
+
+def test_backdoor_refuses_the_class_removal_step_rule(trained, digits):
+    model, v = trained
+    poisoned = poison(digits, trigger_for("digits"))
+    with pytest.raises(ValueError, match=r"tasks\.correct_backdoor: bad `config\.max_self_acc`: got 0\.005; "
+                                         r"expected None for the backdoor task"):
+        backdoor.correct_backdoor(model, v, digits, poisoned, dataclasses.replace(QUICK, max_self_acc=0.005),
+                                  weight_decay=WD)

@@ -254,6 +254,8 @@ class BackdoorResult(NamedTuple):
     time_s: float
     compile_s: float
     timings: dict
+    classifier_rows: tuple = ()     # classifier rows (logit units) the mask touches (all for IF)
+    target_row: bool | None = None  # whether the backdoor target's row is among them
 
 
 def hessian_data(dataset, poisoned: Poisoned, config: TaskConfig):
@@ -275,7 +277,8 @@ def correction_mask(model, variables, poisoned: Poisoned, config: TaskConfig = T
     """
     config.validate("experiments.tasks.backdoor.correction_mask")
     x_u, y_poison, y_true = _examined(poisoned)
-    return common.selection_mask(model, variables, x_u, y_poison, config, minus_labels=y_true)
+    return common.selection_mask(model, variables, x_u, y_poison, config, minus_labels=y_true,
+                                 target=poisoned.trigger.target)
 
 
 def correct_backdoor(model, variables, dataset, poisoned: Poisoned,
@@ -296,6 +299,7 @@ def correct_backdoor(model, variables, dataset, poisoned: Poisoned,
     """
     fn = "experiments.tasks.correct_backdoor"
     config.validate(fn)
+    _check_step_rule(fn, config)
     _checks.check_nonnegative(fn, "weight_decay", weight_decay)
     target = poisoned.trigger.target
     timings = {}
@@ -333,9 +337,18 @@ def correct_backdoor(model, variables, dataset, poisoned: Poisoned,
     timings["search"] = time.perf_counter() - t0
     test_curve = curve if config.protocol == "paper" else along(dataset.test, poisoned.test_triggered)
     at = BackdoorMetrics(*(float(np.asarray(v)[k]) for v in test_curve))
+    rows, has_target = common.classifier_rows(params, mask, target)
     return BackdoorResult(config.method, config, at, float(steps[k]), steps, curve, test_curve,
                           sol.num_hvps, sol.converged, sol.failure, sol.residual_norm, float(norm),
-                          selected, total, sum(timings.values()), sol.compile_s + compile_g, timings)
+                          selected, total, sum(timings.values()), sol.compile_s + compile_g, timings,
+                          rows, has_target)
+
+
+def _check_step_rule(fn, config):
+    if config.max_self_acc is not None:
+        raise _checks.error(fn, "config.max_self_acc", repr(config.max_self_acc),
+                            "None for the backdoor task (the self-accuracy rule is class removal's)",
+                            "drop max_self_acc, or use it with class_removal.remove_class.")
 
 
 @_repr.compact_repr()
@@ -365,6 +378,7 @@ def run_experiment(dataset, *, trigger: Trigger | None = None, model="cnn", meth
 
     fn = "experiments.tasks.backdoor.run_experiment"
     config.validate(fn)
+    _check_step_rule(fn, config)
     methods = check_methods(fn, methods)
     say = log or (lambda *a, **k: None)
     poisoned = poison(dataset, trigger, seed=training.seed)

@@ -22,8 +22,12 @@ Protocols (``config.protocol``):
   of the remaining classes, the step is chosen by F1 on the validation split,
   the metrics are reported on the test split;
 * ``"paper"``: the paper's code — the Hessian averages over a batch of test
-  images (all classes) and the step is chosen by F1 on the test split itself,
-  so test numbers are optimistic. For comparison only.
+  images of the remaining classes (the official code drops the removed class)
+  and the step is chosen by F1 on the test split itself, so test numbers are
+  optimistic. For comparison only.
+
+``config.max_self_acc`` = 0.005 follows the official step rule: the best F1
+only among steps whose self-accuracy is below 0.5 %.
 
 The baseline is the model retrained from scratch without class c
 (:func:`gifjax.experiments.train.retrain_without_class`); its F1 is the target.
@@ -94,6 +98,8 @@ class RemovalResult(NamedTuple):
     time_s: float
     compile_s: float
     timings: dict           # seconds per stage: selection, gradient, solve, search
+    classifier_rows: tuple = ()     # classifier rows (logit units) the mask touches (all for IF)
+    target_row: bool | None = None  # whether the removed class's row is among them
 
 
 def removal_metrics(predictions, labels, removed_class: int) -> RemovalMetrics:
@@ -140,11 +146,9 @@ def _check_class(fn, dataset, removed_class):
 
 def hessian_data(dataset, removed_class: int, config: TaskConfig):
     """(x, y) the Hessian averages over under ``config.protocol`` (see module docstring)."""
-    if config.protocol == "paper":
-        x, y = dataset.test
-    else:
-        keep = dataset.train.y != removed_class
-        x, y = dataset.train.x[keep], dataset.train.y[keep]
+    x, y = dataset.test if config.protocol == "paper" else dataset.train
+    keep = y != removed_class  # both protocols: the remaining classes (as the official code)
+    x, y = x[keep], y[keep]
     return common.subsample(x, y, config.hessian_size, config.seed, salt=1)
 
 
@@ -200,16 +204,19 @@ def remove_class(model, variables, dataset, removed_class: int, config: TaskConf
     pick = common.split_for_protocol(dataset, config.protocol)
     curve = removal_metrics(common.predictions_along(model, variables, direction, steps, pick.x),
                             pick.y, removed_class)
-    k = stepping.best_index(curve.f1, maximize=True)
+    allowed = None if config.max_self_acc is None else np.asarray(curve.self_acc) < config.max_self_acc
+    k = stepping.best_index(curve.f1, maximize=True, where=allowed)
     timings["search"] = time.perf_counter() - t0
     # Reporting, not part of the method (not timed): the test metrics along the grid.
     test_curve = curve if config.protocol == "paper" else removal_metrics(
         common.predictions_along(model, variables, direction, steps, dataset.test.x),
         dataset.test.y, removed_class)
     at = RemovalMetrics(*(float(np.asarray(v)[k]) for v in test_curve))
+    rows, has_target = common.classifier_rows(params, mask, removed_class)
     return RemovalResult(config.method, config, at, float(steps[k]), steps, curve, test_curve,
                          sol.num_hvps, sol.converged, sol.failure, sol.residual_norm, float(norm),
-                         selected, total, sum(timings.values()), sol.compile_s + compile_g, timings)
+                         selected, total, sum(timings.values()), sol.compile_s + compile_g, timings,
+                         rows, has_target)
 
 
 def _examined(dataset, removed_class):
@@ -228,7 +235,7 @@ def removal_mask(model, variables, dataset, removed_class: int, config: TaskConf
     config.validate(fn)
     _check_class(fn, dataset, removed_class)
     x_u, y_u = _examined(dataset, removed_class)
-    return common.selection_mask(model, variables, x_u, y_u, config)
+    return common.selection_mask(model, variables, x_u, y_u, config, target=removed_class)
 
 
 # ----------------------------------------------------------------------------- whole experiment

@@ -49,6 +49,14 @@ from .. import train as _train
 PROTOCOLS = ("heldout", "paper")
 SCORES = ("outputs", "gradients")
 RULES = ("highest", "lowest", "exclusive", "random", "threshold")
+CLASSIFIER = _selection.CLASSIFIER
+#: Unit statistics (``TaskConfig.statistic``): one of :data:`gifjax.selection.STATISTICS`
+#: for every layer, or a per-layer mix: ``"signed_logits"`` = ``"abs_mean"`` on hidden
+#: layers and the *signed* mean on the classifier (the logits), ``"post_activation"``
+#: = mean of relu(y) on hidden layers (the models' nonlinearity) and ``"abs_mean"`` on
+#: the classifier, which has no nonlinearity.
+STATISTICS = _selection.STATISTICS + ("signed_logits", "post_activation")
+_MIXED = {"signed_logits": ("abs_mean", "signed_mean"), "post_activation": ("relu_mean", "abs_mean")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +89,16 @@ class TaskConfig:
         (all-parameter IF moves little, a 5 % mask far), and one grid with
         the same relative resolution must serve them all.
       seed: draws the Hessian subset and the random parts of selection.
+      classifier: the classifier layer's part in the mask, for every rule
+        (:data:`gifjax.selection.CLASSIFIER`): ``"rule"`` (the official code:
+        like any layer), ``"exclude"`` (none of it; its budget is dropped) or
+        ``"target_row"`` (only the removed class's / backdoor target's row).
+      statistic: the unit statistic that ranks units (:data:`STATISTICS`);
+        ``"abs_mean"`` is the official \|mean\|, the others are ablations.
+      max_self_acc: class removal only: keep the best F1 only among steps
+        whose self-accuracy on the selection split is below this (the
+        official code: 0.005); ``None`` (default): the best F1 over all steps.
+        No step qualifying means no change (s = 0).
     """
 
     method: str = "gif"
@@ -95,6 +113,9 @@ class TaskConfig:
     max_step: float = 100.0
     num_steps: int = 64
     seed: int = 0
+    classifier: str = "rule"
+    statistic: str = "abs_mean"
+    max_self_acc: float | None = None
 
     def validate(self, fn: str = "experiments.tasks.TaskConfig") -> "TaskConfig":
         """Check every field; return ``self`` (errors name the field, got vs expected)."""
@@ -126,6 +147,16 @@ class TaskConfig:
                                 "pass the largest step length to try, e.g. max_step=100.0.")
         if not is_int(self.seed):
             raise _checks.error(fn, "seed", repr(self.seed), "an int", "pass e.g. seed=0.")
+        _checks.check_choice(fn, "classifier", self.classifier, CLASSIFIER)
+        _checks.check_choice(fn, "statistic", self.statistic, STATISTICS)
+        if self.scores == "gradients" and self.statistic in ("relu_mean", "post_activation"):
+            raise _checks.error(fn, "statistic", repr(self.statistic),
+                                "'abs_mean', 'signed_mean', 'mean_abs' or 'signed_logits' with scores='gradients'",
+                                "use a post-activation statistic with scores='outputs'.")
+        if self.max_self_acc is not None and (not is_number(self.max_self_acc)
+                                              or not 0 < self.max_self_acc <= 1):
+            raise _checks.error(fn, "max_self_acc", repr(self.max_self_acc), "None or a float in (0, 1]",
+                                "pass max_self_acc=0.005 for the official step rule, or None.")
         return self
 
     @property
@@ -238,15 +269,18 @@ class _LabelledXent(NamedTuple):
         return out
 
 
-def selection_mask(model, variables, x_u, labels, config: TaskConfig, *, minus_labels=None):
+def selection_mask(model, variables, x_u, labels, config: TaskConfig, *, minus_labels=None,
+                   target: int | None = None):
     """Element mask of the parameters pif / fif / gif may change (``None`` for ``if``).
 
     Unit scores are computed on the examined data U (``x_u``): activation
     scores for ``config.scores == "outputs"``; for ``"gradients"`` the
     output-gradients of the mean cross-entropy of ``labels`` on U (minus that
-    of ``minus_labels`` when given — the backdoor's correction loss). Then
-    :func:`gifjax.selection.select` with ``config.rule`` and ``config.ratio``
-    (per-layer budget, key from ``config.seed``).
+    of ``minus_labels`` when given — the backdoor's correction loss), with
+    ``config.statistic``. Then :func:`gifjax.selection.select` with
+    ``config.rule``, ``config.ratio`` (per-layer budget, key from
+    ``config.seed``) and ``config.classifier`` (``target``: the class whose
+    row ``"target_row"`` keeps — the removed class or the backdoor target).
 
     Returns:
       ``(mask, selected, total)``: the mask (``None`` for ``method="if"``) and
@@ -256,20 +290,63 @@ def selection_mask(model, variables, x_u, labels, config: TaskConfig, *, minus_l
     total = sum(int(np.size(p)) for p in jax.tree_util.tree_leaves(params))
     if config.method == "if":
         return None, total, total
-    if config.scores == "outputs":
-        scores = _selection.activation_scores(model, variables, jnp.asarray(x_u), train=False)
-    else:
-        loss = _LabelledXent(tuple(int(v) for v in np.asarray(labels)),
-                             () if minus_labels is None else tuple(int(v) for v in minus_labels))
-        scores = _selection.gradient_scores(model, variables, jnp.asarray(x_u), loss, train=False)
+    loss = None if config.scores == "outputs" else _LabelledXent(
+        tuple(int(v) for v in np.asarray(labels)),
+        () if minus_labels is None else tuple(int(v) for v in minus_labels))
+
+    def unit_scores(statistic):
+        if loss is None:
+            return _selection.activation_scores(model, variables, jnp.asarray(x_u), train=False,
+                                                statistic=statistic)
+        return _selection.gradient_scores(model, variables, jnp.asarray(x_u), loss, train=False,
+                                          statistic=statistic)
+
+    hidden, head = _MIXED.get(config.statistic, (config.statistic, config.statistic))
+    scores = unit_scores(hidden)
+    if head != hidden:  # a per-layer mix: the classifier's scores from a second pass
+        path = _selection.classifier_layer(scores)
+        scores = {**scores, path: unit_scores(head)[path]}
     mask = _selection.select(params, scores, float(config.ratio), rule=config.rule,
-                             key=jax.random.key(config.seed))
+                             key=jax.random.key(config.seed), classifier=config.classifier,
+                             target=target if config.classifier == "target_row" else None)
     selected = sum(int(np.count_nonzero(m)) for m in jax.tree_util.tree_leaves(mask))
     if selected == 0:
         raise _checks.error("experiments.tasks.selection_mask", "ratio", repr(config.ratio),
                             "a ratio that selects at least one parameter of this model",
                             "raise the ratio (floor(ratio × layer size) is 0 for every layer).")
     return mask, selected, total
+
+
+def classifier_rows(params, mask, target: int | None = None):
+    """``(rows, target_row)``: the classifier rows a mask touches and whether ``target``'s is one.
+
+    The classifier is the last Dense/Conv layer (a layer with a ``kernel``) in
+    natural order (:func:`gifjax.selection.classifier_layer`); a row is one
+    output unit (a class's logit). ``mask=None`` (IF: all parameters) touches
+    every row. ``target_row`` is ``None`` when ``target`` is.
+
+    Example:
+      >>> import numpy as np
+      >>> from gifjax.experiments.tasks.common import classifier_rows
+      >>> params = {"Dense_0": {"kernel": np.zeros((3, 4)), "bias": np.zeros(4)}}
+      >>> mask = {"Dense_0": {"kernel": np.eye(3, 4, 2, bool), "bias": np.zeros(4, bool)}}
+      >>> classifier_rows(params, mask, target=0)
+      ((2, 3), False)
+    """
+    layers = {k: v for k, v in params.items() if isinstance(v, dict) and "kernel" in v}
+    shapes = {(k,): np.zeros(np.shape(v["kernel"])[-1]) for k, v in layers.items()}
+    if mask is None:
+        units = len(shapes[_selection.classifier_layer(shapes)])
+        return tuple(range(units)), (None if target is None else True)
+    report = _selection.report({k: mask[k] for k in layers}, shapes, target=target)
+    return report.classifier_rows, report.target_row
+
+
+def rows_text(rows, target_row, target=None) -> str:
+    """A table cell for :func:`classifier_rows`: ``"1 (target 0: no)"``, ``"all"`` for every row."""
+    text = ", ".join(map(str, rows)) or "none"
+    return text if target_row is None else f"{text} ({'' if target is None else f'target {target}: '}" \
+        f"{'yes' if target_row else 'no'})"
 
 
 # ----------------------------------------------------------------------------- the solve
