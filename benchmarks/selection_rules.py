@@ -82,10 +82,19 @@ def seed_runs(seed: int, removed_class: int, ratio: float, training: TrainConfig
                          **_metrics(out.metrics), "step": out.step, "time_s": out.time_s,
                          "compile_s": out.compile_s, "num_hvps": out.num_hvps,
                          "failure": out.failure, "num_selected": out.num_selected,
-                         "num_params": out.num_params})
+                         "num_params": out.num_params, "classifier_rows": list(out.classifier_rows),
+                         "target_row": out.target_row})
         log(f"  seed {seed} {label(rule, scores):22s} F1 " + ", ".join(
             f"{NAMES[r['method']]} {r['f1']:.3f}" for r in runs[-len(MASKED):]))
     return baseline, runs
+
+
+def rows_cell(runs) -> str:
+    """In how many seeds the (shared) mask holds the removed class's logit row, and the rows per seed."""
+    if not runs or any("classifier_rows" not in r for r in runs):
+        return "—"  # a payload recorded before the column existed
+    hits = sum(bool(r["target_row"]) for r in runs)
+    return f"{hits}/{len(runs)} ({'; '.join(','.join(map(str, r['classifier_rows'])) or 'none' for r in runs)})"
 
 
 def render(payload: dict) -> str:
@@ -117,15 +126,17 @@ def render(payload: dict) -> str:
     iff = _pm([b["if"]["f1"] for b in baselines])
     md += [f"References: **retrained F1 {ret}**; **IF on all parameters F1 {iff}**.", "",
            "## Test F1", ""]
-    header = ["selection", *(NAMES[m] for m in MASKED), "mean of the three", "best estimator"]
+    header = ["selection", *(NAMES[m] for m in MASKED), "mean of the three", "best estimator",
+              f"classifier rows (target {removed})"]
     body, means = [], {}
     for rule, scores in SETTINGS:
         f1s = {m: pick(rule, scores, m) for m in MASKED}
         per_seed = np.mean([f1s[m] for m in MASKED], axis=0)
         means[rule, scores] = per_seed
         best = max(MASKED, key=lambda m: np.mean(f1s[m]))
+        shared = [r for r in runs if (r["rule"], r["scores"], r["method"]) == (rule, scores, MASKED[0])]
         body.append([label(rule, scores), *(_pm(f1s[m]) for m in MASKED), _pm(per_seed),
-                     NAMES[best]])
+                     NAMES[best], rows_cell(shared)])
     md += [table(header, body), ""]
     ranking = sorted(means, key=lambda k: -np.mean(means[k]))
     md += ["Settings by mean F1 of the three estimators: "

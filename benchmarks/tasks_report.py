@@ -70,7 +70,8 @@ def removal_runs(seed: int, removed_class: int, ratios, scores_kinds, training: 
                      "step": result.step, "time_s": result.time_s, "compile_s": result.compile_s,
                      "num_hvps": result.num_hvps, "converged": result.converged,
                      "failure": result.failure, "num_selected": result.num_selected,
-                     "num_params": result.num_params, "delta_norm": result.delta_norm})
+                     "num_params": result.num_params, "delta_norm": result.delta_norm,
+                     "classifier_rows": list(result.classifier_rows), "target_row": result.target_row})
         log(f"  seed {seed} {setting:>22s} {result.method:3s} F1 {result.metrics.f1:.3f} "
             f"self {result.metrics.self_acc:.3f} test {result.metrics.test_acc:.3f} "
             f"({result.time_s:.1f} s)")
@@ -104,11 +105,23 @@ def backdoor_runs(seed: int, training: TrainConfig, base: TaskConfig, log):
     for r in exp.runs:
         runs.append({"method": r.method, **_metrics(r.metrics), "step": r.step,
                      "time_s": r.time_s, "compile_s": r.compile_s, "num_hvps": r.num_hvps,
-                     "converged": r.converged, "failure": r.failure})
+                     "converged": r.converged, "failure": r.failure,
+                     "classifier_rows": list(r.classifier_rows), "target_row": r.target_row})
         log(f"  seed {seed} backdoor {r.method:3s} F1 {r.metrics.f1:.3f} clean "
             f"{r.metrics.clean_acc:.3f} relabel {r.metrics.relabel_acc:.3f} corrupt "
             f"{r.metrics.corrupt_acc:.3f}")
     return rows, runs
+
+
+def rows_cell(runs) -> str:
+    """The "classifier rows" cell: in how many seeds the mask holds the target class's logit row,
+    and the rows per seed (``all`` for IF); ``—`` for payloads recorded before the column existed."""
+    if not runs or any("classifier_rows" not in r for r in runs):
+        return "—"
+    hits = sum(bool(r["target_row"]) for r in runs)
+    per_seed = "; ".join("all" if r.get("method") == "if"
+                         else (",".join(map(str, r["classifier_rows"])) or "none") for r in runs)
+    return f"target in {hits}/{len(runs)} ({per_seed})"
 
 
 def _metrics(m) -> dict:
@@ -123,11 +136,11 @@ def _pm(values, digits=3) -> str:
 def removal_table(all_rows, all_runs, setting) -> tuple[str, str]:
     """Markdown rows for one setting, and the winner among the estimators by mean test F1."""
     protocol = setting.split("/")[0]
-    header = ["estimator", "self-acc ↓", "test-acc", "F1", "time s", "HVPs"]
+    header = ["estimator", "self-acc ↓", "test-acc", "F1", "time s", "HVPs", "classifier rows"]
     body = [["retrained", _pm([r["retrained"]["self_acc"] for r in all_rows]),
              _pm([r["retrained"]["test_acc"] for r in all_rows]),
              _pm([r["retrained"]["f1"] for r in all_rows]),
-             _pm([r["retrained"]["time_s"] for r in all_rows], 1), "—"]]
+             _pm([r["retrained"]["time_s"] for r in all_rows], 1), "—", "—"]]
     f1s = {}
     for method in ("if", "pif", "fif", "gif"):
         key = f"{protocol}/all" if method == "if" else setting
@@ -136,7 +149,7 @@ def removal_table(all_rows, all_runs, setting) -> tuple[str, str]:
         body.append([NAMES[method] + (" (all params)" if method == "if" else ""),
                      _pm([r["self_acc"] for r in rs]), _pm([r["test_acc"] for r in rs]),
                      _pm(f1s[method]), _pm([r["time_s"] for r in rs], 1),
-                     str(int(np.mean([r["num_hvps"] for r in rs])))])
+                     str(int(np.mean([r["num_hvps"] for r in rs]))), rows_cell(rs)])
     verdict = ("best mean F1: " + winner(f1s) + "; among the masked estimators "
                + winner({m: v for m, v in f1s.items() if m != "if"}))
     return table(header, body), verdict
@@ -188,11 +201,12 @@ def render(payload: dict) -> str:
     if "backdoor" in payload:
         bd_rows = payload["backdoor"]["baselines"]
         bd_runs = sorted(payload["backdoor"]["runs"], key=lambda r: r["seed"])
-        header = ["estimator", "clean-acc", "relabel-acc", "corrupt-acc ↓", "F1", "time s", "HVPs"]
+        header = ["estimator", "clean-acc", "relabel-acc", "corrupt-acc ↓", "F1", "time s", "HVPs",
+                  "classifier rows"]
         body = [[name] + [_pm([r[name][k] for r in bd_rows])
                           for k in ("clean_acc", "relabel_acc", "corrupt_acc", "f1")]
                 + ([_pm([r[name]["time_s"] for r in bd_rows], 1)] if name == "retrained" else ["—"])
-                + ["—"] for name in ("original", "retrained")]
+                + ["—", "—"] for name in ("original", "retrained")]
         body[0][0] = "poisoned model"
         f1s = {}
         for method in ("if", "pif", "fif", "gif"):
@@ -201,7 +215,7 @@ def render(payload: dict) -> str:
             body.append([NAMES[method] + (" (all params)" if method == "if" else "")]
                         + [_pm([r[k] for r in rs]) for k in
                            ("clean_acc", "relabel_acc", "corrupt_acc", "f1")]
-                        + [_pm([r["time_s"] for r in rs], 1), str(int(rs[0]["num_hvps"]))])
+                        + [_pm([r["time_s"] for r in rs], 1), str(int(rs[0]["num_hvps"])), rows_cell(rs)])
         masked = {m: v for m, v in f1s.items() if m != "if"}
         md += ["## Backdoor: 10 % of training images triggered (+1 of 16 grey levels, "
                "checkerboard) and relabelled to 4; 5 % highest-k outputs, heldout protocol", "",
