@@ -24,8 +24,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import statistics
 import sys
 import threading
+import time
 
 import jax
 import numpy as np
@@ -58,12 +60,24 @@ def wanted(progress, fn: str, total: int, *trees) -> tuple[bool, bool]:
     return progress, progress and outside and total > 1
 
 
+#: A call whose projected worst case exceeds this many seconds says so once, with the way to bound it.
+PROJECTION_NOTICE_S = 600.0
+#: ... measured over the first this many seconds of operator products (compile time excluded).
+_PROJECTION_AFTER_S = 5.0
+_BURST_S = 0.01  # products reported closer together than this are one step's lanes
+
+
 @contextlib.contextmanager
-def bar(desc: str, total: int, show: bool, unit: str = "chunk", replicas: int = 1):
+def bar(desc: str, total: int, show: bool, unit: str = "chunk", replicas: int = 1,
+        budget: int | None = None):
     """A tqdm bar on stderr over ``total`` reports while the body runs (nothing if not ``show``).
 
     ``replicas``: how many devices report the same queries (a data-parallel
-    axis), so each query's convergence is counted once.
+    axis), so each query's convergence is counted once. ``budget``: the most
+    curvature products the whole call can cost (every query at its step cap),
+    when the program ticks each product (:func:`counting`): the bar then shows
+    the products' count and rate, and a call whose worst case, at the measured
+    rate, exceeds :data:`PROJECTION_NOTICE_S` prints one notice saying so.
     """
     if not show or total <= 1:
         yield
@@ -71,7 +85,9 @@ def bar(desc: str, total: int, show: bool, unit: str = "chunk", replicas: int = 
     from tqdm.auto import tqdm
 
     state = {"bar": tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True),
-             "converged": 0, "queries": 0, "replicas": max(int(replicas), 1)}
+             "converged": 0, "queries": 0, "replicas": max(int(replicas), 1), "desc": desc,
+             "per_product": unit == "product", "budget": budget, "products": 0,
+             "bursts": [], "last": 0.0, "drawn": 0.0, "noticed": False}
     with _LOCK:
         _OPEN.append(state)
     try:
@@ -83,6 +99,32 @@ def bar(desc: str, total: int, show: bool, unit: str = "chunk", replicas: int = 
         state["bar"].close()
 
 
+def _postfix(state):
+    parts = []
+    if state["products"]:
+        rate = _rate(state)
+        parts.append(f"HVPs {state['products']:,}" + (f" ({rate:.3g}/s)" if rate else ""))
+    if state["queries"]:
+        r = state["replicas"]
+        parts.append(f"converged {state['converged'] // r}/{state['queries'] // r}")
+    state["bar"].set_postfix_str(", ".join(parts), refresh=False)
+
+
+def _rate(state):
+    """Products per second: the median burst over the median time between bursts, or ``None`` yet.
+
+    A vmapped chunk's lanes report each step's products together (a burst),
+    so bursts, not single products, are the clock. The first burst (it may be
+    a stray product) and the burst still arriving are left out.
+    """
+    bursts = state["bursts"]
+    if len(bursts) < 4:
+        return None
+    sizes = [size for _, size in bursts[1:-1]]
+    gaps = [t - s for (s, _), (t, _) in zip(bursts[:-2], bursts[1:-1])]
+    return statistics.median(sizes) / max(statistics.median(gaps), 1e-9)
+
+
 def _tick(converged, valid):
     with _LOCK:
         if not _OPEN:
@@ -91,16 +133,49 @@ def _tick(converged, valid):
         valid = np.asarray(valid)
         state["converged"] += int(np.sum(np.asarray(converged) & valid))
         state["queries"] += int(valid.sum())
-        r = state["replicas"]
-        state["bar"].set_postfix_str(f"converged {state['converged'] // r}/{state['queries'] // r}",
-                                     refresh=False)
+        _postfix(state)
         state["bar"].update(1)
 
 
 def _product(_):
     with _LOCK:
-        if _OPEN:
-            _OPEN[-1]["bar"].update(1)
+        if not _OPEN:
+            return
+        state = _OPEN[-1]
+        if state["per_product"]:  # a bar over products (factorize)
+            state["bar"].update(1)
+            return
+        now, bursts = time.perf_counter(), state["bursts"]
+        if bursts and now - state["last"] <= _BURST_S:
+            bursts[-1][1] += 1
+        else:  # the first product arrives after compilation
+            bursts.append([now, 1])
+            if (state["budget"] and not state["noticed"] and now - bursts[0][0] >= _PROJECTION_AFTER_S
+                    and _rate(state)):
+                state["noticed"] = True
+                note = projection(state["desc"], state["budget"], _rate(state))
+                if note:
+                    state["bar"].write(note, file=sys.stderr)
+        state["products"] += 1
+        state["last"] = now
+        if now - state["drawn"] >= 0.5:  # redraw twice a second, not on every product
+            state["drawn"] = now
+            _postfix(state)
+            state["bar"].refresh()
+
+
+def projection(fn: str, budget: int, rate: float | None) -> str | None:
+    """The notice of a call whose worst case, ``budget`` products at ``rate`` per second, is long."""
+    if not rate or budget / rate <= PROJECTION_NOTICE_S:
+        return None
+    worst = budget / rate
+    when = f"{worst / 3600:.1f} h" if worst >= 3600 else f"{worst / 60:.0f} min" if worst >= 120 else f"{worst:.0f} s"
+    return (f"{fn}: at {rate:.3g} curvature products (HVPs) per second here, this call can take up to "
+            f"≈ {when} ({budget:,} products if no query converged before its step cap; each query stops "
+            "as soon as it converges). To bound it: a smaller cap (e.g. solver=gifjax.solvers.MINRES("
+            "max_steps=200)), the curvature on a subsample (curvature=gifjax.Curvature(subsample=512)) "
+            "and damping above |λ_min| (gifjax.spectrum.eigenvalues(..., which='smallest')), then gifjax.check_scores; "
+            "README: 'Use it on your own model'. progress=False silences this.")
 
 
 def counting(operator, emit: bool):

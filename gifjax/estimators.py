@@ -132,12 +132,13 @@ class Setup(NamedTuple):
 
 def setup(loss_fn: Callable, params, *args, mask=None, method: str = "gif", solver="auto", damping=0.0,
           chunk_size: int | None = None, curvature="hessian", axis_name: str | None = None,
-          adjoint: bool = False, fn: str = "setup") -> Setup:
+          adjoint: bool = False, progress: bool = False, fn: str = "setup") -> Setup:
     r"""Build operator → take the problem from the estimator table → initialise the solver.
 
     The one path every estimator function takes (arguments as in
     :func:`influence`). ``adjoint=True`` gives the scores' system, the
     transpose: ``setup(...).solve(∇ℓ_test)`` is the s with ∇ᵀΔ(g) = sᵀg.
+    ``progress=True`` ticks the open progress bar once per curvature product.
     Build it once and ``jax.vmap`` ``.solve`` over many right-hand sides: the
     solver's shared work (a matrix, factors, :class:`gifjax.AutoDamping`'s
     trace) is done once.
@@ -153,7 +154,7 @@ def setup(loss_fn: Callable, params, *args, mask=None, method: str = "gif", solv
                                          axis_name)
     spec = solver.configure(spec, estimator, fn)
     C = spec.resolve(loss_fn, params, *args, trace_mask=estimator.trace_mask)
-    problem = estimator.problem(C)
+    problem = estimator.problem(_progress.counting(C, progress))
     state = solver.init(problem.operator, problem.form)
     if adjoint:
         problem, state = problem.T, solver.transpose(state)
@@ -374,9 +375,9 @@ def adjoint_solves(loss_fn: Callable, params, example_loss_fn: Callable, test_ex
     _checks.check_example_loss(fn, example_loss_fn, params, test_examples, "test_examples")
     solver, spec = _checked(fn, loss_fn, params, args, mask=mask, method=method, solver=solver,
                             curvature=curvature, damping=damping, chunk_size=chunk_size, axis_name=axis_name)
-    total = _progress.chunks(_checks.leading_size(fn, "test_examples", test_examples), test_chunk_size)
-    emit, show = _progress.wanted(progress, fn, total, params, test_examples, args)
-    with _progress.bar(fn, total, show):
+    n = _checks.leading_size(fn, "test_examples", test_examples)
+    emit, show = _progress.wanted(progress, fn, _progress.chunks(n, test_chunk_size), params, test_examples, args)
+    with _bar(fn, n, test_chunk_size, show, solver, method, mask):
         return _adjoint_solves(params, test_examples, args, mask, solver, spec, loss_fn=loss_fn,
                                example_loss_fn=example_loss_fn, method=method, test_chunk_size=test_chunk_size,
                                progress=emit, fn=fn)
@@ -386,7 +387,7 @@ def adjoint_solves(loss_fn: Callable, params, example_loss_fn: Callable, test_ex
 def _adjoint_solves(params, test_examples, args, mask, solver, spec, *, loss_fn, example_loss_fn, method,
                     test_chunk_size, progress, fn) -> Adjoints:
     s = setup(loss_fn, params, *args, mask=mask, method=method, solver=solver, curvature=spec, adjoint=True,
-              fn=fn)
+              progress=progress, fn=fn)
 
     def chunk(batch, valid):
         sol = _solve_visibly(s, _example_grads(example_loss_fn, params, batch))
@@ -395,6 +396,13 @@ def _adjoint_solves(params, test_examples, args, mask, solver, spec, *, loss_fn,
 
     sols = map_in_chunks(chunk, test_examples, test_chunk_size, caller=fn, arg="test_examples", with_valid=True)
     return Adjoints(sols, s.damping)
+
+
+def _bar(fn, n, chunk_size, show, solver, method, mask):
+    """The bar of a many-query call: its chunks, and its curvature products against their worst case."""
+    per_query = solver.matvec_budget(Estimator(method, mask).form)
+    budget = None if per_query is None else _progress.chunks(n, chunk_size) * chunk_size * per_query
+    return _progress.bar(fn, _progress.chunks(n, chunk_size), show, budget=budget)
 
 
 def _example_grads(example_loss_fn, params, examples):
@@ -500,9 +508,10 @@ def influence_scores(loss_fn: Callable, params, example_loss_fn: Callable, train
     _checks.check_example_loss(fn, example_loss_fn, params, test_examples, "test_examples")
     solver, spec = _checked(fn, loss_fn, params, args, mask=mask, method=method, solver=solver,
                             curvature=curvature, damping=damping, chunk_size=chunk_size, axis_name=axis_name)
-    total = _progress.chunks(_checks.leading_size(fn, "test_examples", test_examples), test_chunk_size)
-    emit, show = _progress.wanted(progress, fn, total, params, train_examples, test_examples, args)
-    with _progress.bar(fn, total, show):
+    n = _checks.leading_size(fn, "test_examples", test_examples)
+    emit, show = _progress.wanted(progress, fn, _progress.chunks(n, test_chunk_size), params, train_examples,
+                                  test_examples, args)
+    with _bar(fn, n, test_chunk_size, show, solver, method, mask):
         scores, adj = _influence_scores(params, train_examples, test_examples, args, mask, solver, spec,
                                         loss_fn=loss_fn, example_loss_fn=example_loss_fn, method=method,
                                         test_chunk_size=test_chunk_size, train_chunk_size=train_chunk_size,
@@ -547,9 +556,9 @@ def self_influence(loss_fn: Callable, params, example_loss_fn: Callable, example
     _checks.check_example_loss(fn, example_loss_fn, params, examples, "examples")
     solver, spec = _checked(fn, loss_fn, params, args, mask=mask, method=method, solver=solver,
                             curvature=curvature, damping=damping, chunk_size=chunk_size, axis_name=axis_name)
-    total = _progress.chunks(_checks.leading_size(fn, "examples", examples), example_chunk_size)
-    emit, show = _progress.wanted(progress, fn, total, params, examples, args)
-    with _progress.bar(fn, total, show):
+    n = _checks.leading_size(fn, "examples", examples)
+    emit, show = _progress.wanted(progress, fn, _progress.chunks(n, example_chunk_size), params, examples, args)
+    with _bar(fn, n, example_chunk_size, show, solver, method, mask):
         out = _self_influence(params, examples, args, mask, solver, spec, loss_fn=loss_fn,
                               example_loss_fn=example_loss_fn, method=method,
                               example_chunk_size=example_chunk_size, progress=emit, fn=fn)
@@ -563,7 +572,7 @@ def self_influence(loss_fn: Callable, params, example_loss_fn: Callable, example
 def _self_influence(params, examples, args, mask, solver, spec, *, loss_fn, example_loss_fn, method,
                     example_chunk_size, progress, fn) -> Scores:
     s = setup(loss_fn, params, *args, mask=mask, method=method, solver=solver, curvature=spec, adjoint=True,
-              fn=fn)
+              progress=progress, fn=fn)
 
     def chunk(batch, valid):
         G = _example_grads(example_loss_fn, params, batch)

@@ -76,3 +76,33 @@ def test_factorize_counts_its_curvature_products(capsys):
     assert "5/5" in capsys.readouterr().err                   # Golub–Kahan: 2m + 1 products
     gifjax.lowrank.factorize(loss, jnp.ones(3), X, Y, rank=2, progress=False)
     assert capsys.readouterr().err == ""
+
+
+def test_bar_counts_curvature_products_and_solves_are_unchanged(capsys):
+    info = scores(progress=True, return_info=True)
+    err = capsys.readouterr().err
+    assert "HVPs" in err and "converged 20/20" in err
+    # the products a vmapped chunk really computes: every lane (padding included) until its slowest
+    # query stops, one Hessian product per MINRES step and residual
+    m = np.asarray(info.solution.num_matvecs)
+    assert f"HVPs {8 * sum(int(m[i:i + 8].max()) for i in (0, 8, 16)):,}" in err
+    np.testing.assert_array_equal(np.asarray(info.scores), np.asarray(scores(progress=False)))
+
+
+def test_a_long_worst_case_is_projected_once_from_the_measured_rate(monkeypatch):
+    """A stray product, then bursts of 4 lanes (one vmapped step) every 2 s: 2 products/s, 72,000 at most → 10 h."""
+    from gifjax import _progress
+
+    clock = iter([0.0, 0.5, 0.501, 0.502, 0.503, 2.5, 2.501, 2.502, 2.503, 4.5, 4.501, 4.502, 4.503,
+                  6.5, 6.501, 6.502, 6.503, 8.5])
+    monkeypatch.setattr(_progress.time, "perf_counter", lambda: next(clock))
+    notes = []
+    monkeypatch.setattr("tqdm.auto.tqdm.write", lambda *a, **_: notes.append(a[-1]))
+    with _progress.bar("influence_scores", 2, True, budget=72_000):
+        for _ in range(18):
+            _progress._product(None)
+    assert len(notes) == 1                                   # once, at the first burst after 5 s (6.5 s)
+    assert "influence_scores" in notes[0] and "2 curvature products" in notes[0]
+    assert "≈ 10.0 h" in notes[0] and "72,000 products" in notes[0] and "max_steps" in notes[0]
+    assert _progress.projection("f", 1000, 2.0) is None      # 500 s: under PROJECTION_NOTICE_S, no notice
+    assert "≈ 17 min" in _progress.projection("f", 2000, 2.0)
