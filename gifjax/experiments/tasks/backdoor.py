@@ -387,11 +387,12 @@ def run_experiment(dataset, *, trigger: Trigger | None = None, model="cnn", meth
 
     say(f"training {type(net).__name__} on {len(poisoned.train.y)} {dataset.name} images, "
         f"{len(poisoned.indices)} of them triggered and relabelled to {target} ...")
-    fit, train_s = common.timed(_train.fit, net, *poisoned.train, **training.fit_kwargs(progress))
+    fit, train_s = common.timed(_train.fit, net, *poisoned.train,
+                                **training.fit_kwargs(progress, validation=dataset.val))
     say("retraining on the corrected labels (the baseline) ...")
     refit, retrain_s = common.timed(_train.retrain_on_labels, net, *poisoned.train,
                                     poisoned.indices, poisoned.true_labels,
-                                    **training.fit_kwargs(progress))
+                                    **training.fit_kwargs(progress, validation=dataset.val))
     variables = fit.variables
     original = evaluate(net, variables, dataset.test, poisoned.test_triggered, target)
     retrained = evaluate(net, refit.variables, dataset.test, poisoned.test_triggered, target)

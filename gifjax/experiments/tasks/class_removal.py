@@ -293,10 +293,12 @@ def run_experiment(dataset, removed_class: int, *, model="cnn", methods=METHODS,
     net = _models.create(model, dataset.num_classes) if isinstance(model, str) else model
 
     say(f"training {type(net).__name__} on {len(dataset.train.y)} {dataset.name} images ...")
-    fit, train_s = common.timed(_train.fit, net, *dataset.train, **training.fit_kwargs(progress))
+    fit, train_s = common.timed(_train.fit, net, *dataset.train,
+                                **training.fit_kwargs(progress, validation=dataset.val))
     say(f"retraining without class {removed_class} (the baseline) ...")
     refit, retrain_s = common.timed(_train.retrain_without_class, net, *dataset.train,
-                                    removed_class, **training.fit_kwargs(progress))
+                                    removed_class,
+                                    **training.fit_kwargs(progress, validation=dataset.val))
     variables = fit.variables
     original = evaluate(net, variables, dataset.test, removed_class)
     retrained = evaluate(net, refit.variables, dataset.test, removed_class)

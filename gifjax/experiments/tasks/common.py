@@ -177,6 +177,16 @@ class TrainConfig:
     The defaults train the small CNN on the 8×8 digits to ~97–98 % test
     accuracy in a few seconds on a CPU. ``weight_decay`` is also the one in
     the Hessian's objective, so θ̂ is (nearly) a stationary point of it.
+    ``momentum``, ``schedule`` and ``checkpoint`` are :func:`fit`'s; with
+    ``checkpoint="best_val"`` the tasks pass the data set's validation split
+    (without the removed class for the class-removal baseline).
+    :meth:`paper` is the official code's recipe (:data:`gifjax.experiments.train.PAPER_SGD`).
+
+    Example:
+      >>> from gifjax.experiments.tasks import TrainConfig
+      >>> cfg = TrainConfig.paper(epochs=30)
+      >>> cfg.optimizer, cfg.learning_rate, cfg.schedule, cfg.checkpoint, cfg.epochs
+      ('sgd', 0.1, 'cosine', 'best_val', 30)
     """
 
     optimizer: str = "adam"
@@ -185,12 +195,27 @@ class TrainConfig:
     batch_size: int = 64
     weight_decay: float = 1e-3
     seed: int = 0
+    momentum: float = 0.9
+    schedule: Any = None
+    checkpoint: str = "last"
 
-    def fit_kwargs(self, progress: bool = False) -> dict:
-        """Keyword arguments for :func:`gifjax.experiments.train.fit` and the retraining baselines."""
-        return dict(optimizer=self.optimizer, learning_rate=self.learning_rate,
-                    epochs=self.epochs, batch_size=self.batch_size,
-                    weight_decay=self.weight_decay, seed=self.seed, progress=progress)
+    @classmethod
+    def paper(cls, **overrides) -> "TrainConfig":
+        """:data:`gifjax.experiments.train.PAPER_SGD` as a config, with ``overrides`` (e.g. ``epochs``, ``seed``)."""
+        return cls(**(dict(_train.PAPER_SGD) | overrides))
+
+    def fit_kwargs(self, progress: bool = False, validation=None) -> dict:
+        """Keyword arguments for :func:`gifjax.experiments.train.fit` and the retraining baselines.
+
+        ``validation`` is passed on only with ``checkpoint="best_val"`` (which needs it).
+        """
+        kwargs = dict(optimizer=self.optimizer, learning_rate=self.learning_rate,
+                      epochs=self.epochs, batch_size=self.batch_size,
+                      weight_decay=self.weight_decay, seed=self.seed, progress=progress,
+                      momentum=self.momentum, schedule=self.schedule, checkpoint=self.checkpoint)
+        if self.checkpoint != "last":
+            kwargs["validation"] = validation
+        return kwargs
 
 
 def is_int(v) -> bool:
