@@ -367,7 +367,7 @@ def test_loss_and_grad_norm_errors():
 
 @pytest.mark.slow
 def test_paper_recipe_converges_on_mnist5k():
-    """PAPER_SGD (30 epochs, ~4 min on 2 cores) trains TinyNet on MNIST-5k to a nearly stationary point.
+    """PAPER_SGD (30 epochs, ~2 min on 2 cores) trains TinyNet on MNIST-5k to a nearly stationary point.
 
     Measured: val 0.97, test 0.95, ‖∇L‖ 0.03 at the checkpoint (epoch ~35 of 40).
     """
