@@ -19,6 +19,8 @@ Example:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
@@ -127,7 +129,14 @@ def random_mask(key, params, *, count: int | None = None, fraction: float | None
     if not 1 <= count <= total:
         raise _checks.error("masks.random_mask", "count", count, f"an int in [1, {total}]",
                             "choose at most as many entries as there are parameters.")
-    chosen = jax.random.permutation(key, total)[:count]
-    flat = jnp.zeros(total, bool).at[chosen].set(True)
-    _, unravel = jax.flatten_util.ravel_pytree(tree_map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params))
-    return tree_map(lambda m: m > 0.5, unravel(flat.astype(jnp.float32)))
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    return _random_mask(key, treedef, tuple(tuple(np.shape(a)) for a in leaves), count)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))  # one program, not one compile per primitive
+def _random_mask(key, treedef, shapes, count):
+    sizes = [int(np.prod(s)) for s in shapes]
+    chosen = jax.random.permutation(key, sum(sizes))[:count]
+    flat = jnp.zeros(sum(sizes), bool).at[chosen].set(True)
+    parts = jnp.split(flat, np.cumsum(sizes)[:-1])  # ravel_pytree's order: leaves in turn, row-major
+    return jax.tree_util.tree_unflatten(treedef, [part.reshape(s) for part, s in zip(parts, shapes)])

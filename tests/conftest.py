@@ -96,9 +96,13 @@ def make_problem(kind: str, dtype, n: int = 24, seed: int = 0) -> Problem:
         raise ValueError(kind)
     y = jax.random.randint(keys[4], (n,), 0, 3)
 
+    # jitted: a test's own eager jax.grad / evaluation then runs a few compiled programs instead of
+    # compiling every primitive separately (inside the library's programs they simply inline)
+    @jax.jit
     def loss(p, x, y):
         return jnp.mean(_xent(apply(p, x), y)) + _l2(p)
 
+    @jax.jit
     def example_loss(p, example):
         xi, yi = example
         return _xent(apply(p, xi[None]), yi[None])[0]
@@ -107,7 +111,7 @@ def make_problem(kind: str, dtype, n: int = 24, seed: int = 0) -> Problem:
     with jax.enable_x64(True):  # oracle in float64 whatever the run's dtype
         p64 = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), params)
         flat64, unravel64 = jax.flatten_util.ravel_pytree(p64)
-        H = jax.hessian(lambda f: loss(unravel64(f), np.asarray(x, np.float64), y))(flat64)
+        H = jax.jit(jax.hessian(lambda f: loss(unravel64(f), np.asarray(x, np.float64), y)))(flat64)
         lam_min = float(jnp.linalg.eigvalsh(H)[0])
     damping = max(0.0, -lam_min) + 0.05
     return Problem(loss, example_loss, params, x, y, jnp.asarray(H, dtype), unravel, damping)
