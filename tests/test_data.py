@@ -68,17 +68,22 @@ def test_digits_normalised_to_zero_mean_unit_std():
     assert raw.min() > -1e-4 and raw.max() < 16 + 1e-4
 
 
-def test_digits_splits_deterministic_by_seed():
-    a, b, c = (data.load("digits", seed=s) for s in (3, 3, 4))
+def _assert_seeded_splits(name):
+    """Same seed, same splits; another seed moves examples between train and val, but the
+    pool and the test split stay the same."""
+    a, b, c = (data.load(name, seed=s) for s in (3, 3, 4))
     for sa, sb in zip(a[:3], b[:3]):
         np.testing.assert_array_equal(sa.x, sb.x)
         np.testing.assert_array_equal(sa.y, sb.y)
     assert not np.array_equal(_rows(a.val), _rows(c.val))
-    # Another seed moves examples between train and val, but the pool and the
-    # test split stay the same.
     np.testing.assert_array_equal(a.test.x, c.test.x)
-    pool = lambda d: _rows(data.Split(np.concatenate([d.train.x, d.val.x]), None))
+    np.testing.assert_array_equal(a.test.y, c.test.y)
+    pool = lambda d: _rows(data.Split(np.concatenate([d.train.x, d.val.x]), None))  # noqa: E731
     np.testing.assert_array_equal(pool(a), pool(c))
+
+
+def test_digits_splits_deterministic_by_seed():
+    _assert_seeded_splits("digits")
 
 
 def test_digits_max_train_and_max_test():
@@ -166,15 +171,7 @@ def test_mnist5k_is_mlxtends_file_split_into_train_val_test(mnist5k_file):
 
 
 def test_mnist5k_splits_deterministic_test_fixed_across_seeds():
-    a, b, c = (data.load("mnist5k", seed=s) for s in (3, 3, 4))
-    for sa, sb in zip(a[:3], b[:3]):
-        np.testing.assert_array_equal(sa.x, sb.x)
-        np.testing.assert_array_equal(sa.y, sb.y)
-    np.testing.assert_array_equal(a.test.x, c.test.x)
-    np.testing.assert_array_equal(a.test.y, c.test.y)
-    assert not np.array_equal(_rows(a.val), _rows(c.val))
-    pool = lambda d: _rows(data.Split(np.concatenate([d.train.x, d.val.x]), None))
-    np.testing.assert_array_equal(pool(a), pool(c))
+    _assert_seeded_splits("mnist5k")
 
 
 def test_mnist5k_max_train_max_test_and_val_fraction():
