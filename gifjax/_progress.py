@@ -5,7 +5,9 @@ as one jitted program, so Python never sees the chunks go by. The program
 reports each finished chunk through ``jax.debug.callback`` (:func:`report`,
 carrying the chunk's ``converged`` flags); on the host, :func:`bar` opens a
 tqdm bar that those reports advance, with the count of converged queries so
-far as its postfix.
+far as its postfix. The many-query calls also tick each curvature product
+(:func:`counting`): the postfix shows their count and rate, and a call whose
+worst case at that rate is long prints one notice early (:func:`projection`).
 
 The rule every long call follows (``progress=`` keyword):
 
@@ -150,10 +152,10 @@ def _product(_):
             bursts[-1][1] += 1
         else:  # the first product arrives after compilation
             bursts.append([now, 1])
-            if (state["budget"] and not state["noticed"] and now - bursts[0][0] >= _PROJECTION_AFTER_S
-                    and _rate(state)):
+            rate = _rate(state)
+            if state["budget"] and rate and not state["noticed"] and now - bursts[0][0] >= _PROJECTION_AFTER_S:
                 state["noticed"] = True
-                note = projection(state["desc"], state["budget"], _rate(state))
+                note = projection(state["desc"], state["budget"], rate)
                 if note:
                     state["bar"].write(note, file=sys.stderr)
         state["products"] += 1
@@ -169,13 +171,13 @@ def projection(fn: str, budget: int, rate: float | None) -> str | None:
     if not rate or budget / rate <= PROJECTION_NOTICE_S:
         return None
     worst = budget / rate
-    when = f"{worst / 3600:.1f} h" if worst >= 3600 else f"{worst / 60:.0f} min" if worst >= 120 else f"{worst:.0f} s"
+    when = f"{worst / 3600:.1f} h" if worst >= 3600 else f"{worst / 60:.0f} min"
     return (f"{fn}: at {rate:.3g} curvature products (HVPs) per second here, this call can take up to "
             f"≈ {when} ({budget:,} products if no query converged before its step cap; each query stops "
             "as soon as it converges). To bound it: a smaller cap (e.g. solver=gifjax.solvers.MINRES("
             "max_steps=200)), the curvature on a subsample (curvature=gifjax.Curvature(subsample=512)) "
-            "and damping above |λ_min| (gifjax.spectrum.eigenvalues(..., which='smallest')), then gifjax.check_scores; "
-            "README: 'Use it on your own model'. progress=False silences this.")
+            "and damping above |λ_min| (gifjax.spectrum.eigenvalues(..., which='smallest')), then "
+            "gifjax.check_scores; README: 'Use it on your own model'. progress=False silences this.")
 
 
 def counting(operator, emit: bool):
