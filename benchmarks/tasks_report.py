@@ -1,6 +1,6 @@
 """Class removal and backdoor relabelling on the digits CNN vs retraining (issue 4's report).
 
-    python -m benchmarks.tasks_report [--seeds 0 1 2 3 4] [--quick]
+    python -m benchmarks.tasks_report [--seeds 0 1 2 3 4] [--classes 0 ...] [--quick]
 
 (results/tasks.md was made with ``--seeds 0 1 2 3 4``, ~7 minutes on 2 CPU cores.)
 
@@ -21,7 +21,14 @@ the ``paper`` protocol (Hessian on test images, step chosen on test) and the
 backdoor task (10 % of training images triggered and relabelled to 4; trigger
 +1 of 16 grey levels on the digits).
 
-Every number is mean ± sample std over the seeds. Times are the method's
+``--classes 0 1 … 9`` repeats the class removal for each listed class (the
+backdoor task does not depend on it and runs once per seed); class-removal
+rows are then over (class, seed) units.
+
+Every number is mean ± sample std over the seeds. The "paired differences"
+table gives GIF − IF, GIF − FIF and GIF − PIF in test F1, paired by unit
+(seed, or (class, seed)), with a percentile bootstrap 95 % CI over the units
+(``paired_ci``) and a verdict on the claim "GIF is better". Times are the method's
 execution (solve + step search) without compilation; the retrained row's
 time is its training time. Writes benchmarks/results/tasks.json and tasks.md
 (``--render`` rewrites tasks.md from tasks.json; ``--quick`` writes tasks_quick.*).
@@ -48,6 +55,74 @@ from gifjax.experiments.tasks import backdoor, class_removal, common  # noqa: E4
 from gifjax.experiments.tasks.common import TaskConfig, TrainConfig  # noqa: E402
 
 NAMES = {"if": "IF", "pif": "PIF", "fif": "FIF", "gif": "GIF"}
+MINUS = "\u2212"  # typographic minus for the paired-differences cells
+
+
+def paired_ci(a, b, *, n_boot: int = 10_000, seed: int = 0, level: float = 0.95) -> dict:
+    """Mean paired difference ``a − b`` over units, with a percentile bootstrap CI.
+
+    ``a[i]`` and ``b[i]`` are the same unit (a seed, or a (class, seed) pair). The
+    CI resamples the units with replacement ``n_boot`` times (NumPy generator
+    seeded with ``seed``, so the result is deterministic) and takes the
+    ``(1 − level)/2`` and ``(1 + level)/2`` percentiles of the resampled means.
+    Returns ``{"mean", "lo", "hi", "n"}``; ``lo``/``hi`` are NaN with fewer than
+    two units (no spread to resample), ``mean`` too with none.
+    """
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    if d.ndim != 1:
+        raise ValueError(f"expected two equal-length 1-D sequences, got shape {d.shape}")
+    n = int(d.size)
+    if n == 0:
+        return {"mean": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": 0}
+    mean = float(d.mean())
+    if n < 2:
+        return {"mean": mean, "lo": float("nan"), "hi": float("nan"), "n": n}
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+    boots = d[idx].mean(axis=1)
+    lo, hi = np.percentile(boots, [50 * (1 - level), 50 * (1 + level)])
+    return {"mean": mean, "lo": float(lo), "hi": float(hi), "n": n}
+
+
+def ci_verdict(ci: dict, claimed: int = +1) -> str:
+    """``yes`` when the CI excludes 0 on the claimed side (``claimed=+1``: a − b > 0),
+    ``no`` when it excludes 0 on the other side, ``inconclusive`` otherwise (also without a CI)."""
+    lo, hi = ci["lo"], ci["hi"]
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return "inconclusive"
+    if claimed < 0:
+        lo, hi = -hi, -lo
+    if lo > 0:
+        return "yes"
+    if hi < 0:
+        return "no"
+    return "inconclusive"
+
+
+def format_ci(ci: dict, digits: int = 3) -> str:
+    """``+0.012 [−0.030, +0.051] (n=5)``."""
+    f = lambda x: "—" if not np.isfinite(x) else f"{x:+.{digits}f}".replace("-", MINUS)
+    return f"{f(ci['mean'])} [{f(ci['lo'])}, {f(ci['hi'])}] (n={ci['n']})"
+
+
+def _unit(run: dict, default_class) -> tuple:
+    return (run.get("removed_class", default_class), run["seed"])
+
+
+def paired_f1(runs_a, runs_b, default_class=None) -> tuple[list, list]:
+    """F1 of two estimators on the units both have, in unit order."""
+    fa = {_unit(r, default_class): r["f1"] for r in runs_a}
+    fb = {_unit(r, default_class): r["f1"] for r in runs_b}
+    units = sorted(set(fa) & set(fb))
+    return [fa[u] for u in units], [fb[u] for u in units]
+
+
+def paired_rows(label, runs_by_method, default_class=None) -> list[list[str]]:
+    """One row of the paired-differences table: GIF − IF, GIF − FIF, GIF − PIF in F1."""
+    row = list(label)
+    for other in ("if", "fif", "pif"):
+        ci = paired_ci(*paired_f1(runs_by_method["gif"], runs_by_method[other], default_class))
+        row.append(f"{format_ci(ci)} {ci_verdict(ci)}")
+    return [row]
 
 
 def removal_runs(seed: int, removed_class: int, ratios, scores_kinds, training: TrainConfig,
@@ -169,16 +244,20 @@ def render(payload: dict) -> str:
     """The Markdown report from the JSON payload (``--render`` redoes it from tasks.json)."""
     training, base = TrainConfig(**payload["training"]), TaskConfig(**payload["config"])
     seeds, removed = payload["seeds"], payload["removed_class"]
+    classes = payload.get("classes", [removed])
+    removed_txt = (f"class {removed}" if len(classes) == 1
+                   else "classes " + ", ".join(map(str, classes)))
     all_rows = payload["class_removal"]["baselines"]
     all_runs = sorted(payload["class_removal"]["runs"], key=lambda r: r["seed"])
     failures = sorted({r["failure"] for r in all_runs})
     md = [f"# Class removal and backdoor relabelling on the digits CNN ({len(seeds)} seeds)", "",
           "Generated by `python -m benchmarks.tasks_report"
           + (" --quick" if payload["quick"] else "")
-          + (f" --seeds {' '.join(map(str, seeds))}" if seeds != [0, 1, 2] else "") + f"` in {payload['seconds']:.0f} s "
+          + (f" --seeds {' '.join(map(str, seeds))}" if seeds != [0, 1, 2] else "")
+          + (f" --classes {' '.join(map(str, classes))}" if len(classes) > 1 else "") + f"` in {payload['seconds']:.0f} s "
           f"({payload['backend']}). Model: the demo's CNN (19,466 parameters), trained "
           f"{training.epochs} epochs (Adam {training.learning_rate:g}, weight decay "
-          f"{training.weight_decay:g}). Removed class: {removed}. Solver for every "
+          f"{training.weight_decay:g}). Removed {removed_txt.replace(' ', ': ', 1)}. Solver for every "
           f"estimator: LSTSQ (CGLS) × {base.max_steps} iterations = {2 * base.max_steps + 1} "
           f"HVPs, damping {base.damping:g}, Hessian on {base.hessian_size} images (solver "
           f"outcomes: {', '.join(failures)} — the budget, not the tolerance, stops the "
@@ -189,15 +268,22 @@ def render(payload: dict) -> str:
           "IF changes all parameters, so its row is the same in every table of a protocol. "
           "Verdicts compare the per-seed F1 of the best and the runner-up (paired by seed).", ""]
     summary = []
+    unit = "seed" if len(classes) == 1 else "(class, seed)"
+    paired = []
     settings = [f"heldout/{s}/{r:g}" for s in ("outputs", "gradients") for r in payload["ratios"]]
     settings += ["paper/outputs/0.05"]
     for setting in settings:
         protocol, scores, ratio = setting.split("/")
         tab, verdict = removal_table(all_rows, all_runs, setting)
-        title = (f"## Remove class {removed}: {float(ratio):.0%} highest-k {scores}, "
+        title = (f"## Remove {removed_txt}: {float(ratio):.0%} highest-k {scores}, "
                  f"{protocol} protocol")
         md += [title, "", tab, "", verdict, ""]
         summary.append(f"| class removal, {protocol} | {scores} | {float(ratio):.0%} | {verdict} |")
+        by_method = {m: [r for r in all_runs if r["method"] == m
+                         and r["setting"] == (f"{protocol}/all" if m == "if" else setting)]
+                     for m in NAMES}
+        paired += paired_rows([f"class removal, {protocol}", scores, f"{float(ratio):.0%}"],
+                              by_method, removed)
     if "backdoor" in payload:
         bd_rows = payload["backdoor"]["baselines"]
         bd_runs = sorted(payload["backdoor"]["runs"], key=lambda r: r["seed"])
@@ -224,15 +310,30 @@ def render(payload: dict) -> str:
                "corrupt-acc counts triggered test images of classes ≠ 4 still predicted as 4.", ""]
         summary.append(f"| backdoor, heldout | outputs | 5% | best mean F1: {winner(f1s)}; "
                        f"among the masked estimators {winner(masked)} |")
+        paired += paired_rows(["backdoor, heldout", "outputs", "5%"],
+                              {m: [r for r in bd_runs if r["method"] == m] for m in NAMES})
     md += ["## Summary: who wins (mean test F1 over seeds)", "",
            "| task, protocol | scores | ratio | verdict |", "|---|---|---|---|", *summary]
+    md += ["", "## Paired differences in test F1 (GIF − other), bootstrap 95 % CIs", "",
+           f"Mean paired difference over units (one unit = one {unit}; the backdoor's unit is "
+           "the seed), percentile bootstrap 95 % CI (10,000 resamples of the units, seed 0), "
+           "then the verdict on the claim \"GIF is better\": **yes** when the CI lies above 0, "
+           "**no** when it lies below 0, **inconclusive** when it contains 0. With 5 units the "
+           "bootstrap CI is narrow and optimistic (it cannot be wider than the range of the "
+           "differences), so read \"yes\"/\"no\" as descriptive, not as a test at 5 %.", "",
+           table(["task, protocol", "scores", "ratio", "GIF − IF", "GIF − FIF", "GIF − PIF"],
+                 paired)]
     return "\n".join(md)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--class", dest="removed_class", type=int, default=0)
+    parser.add_argument("--class", dest="removed_class", type=int, default=0,
+                        help="the removed class (one; see --classes)")
+    parser.add_argument("--classes", type=int, nargs="+", default=None,
+                        help="remove each of these classes in turn (overrides --class); "
+                             "the paired CIs are then over (class, seed) units")
     parser.add_argument("--quick", action="store_true",
                         help="1 seed, 5 %% only, 10 solver iterations: checks the script "
                              "(writes results/tasks_quick.*, not tasks.*)")
@@ -255,20 +356,22 @@ def main(argv=None):
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     t0 = time.perf_counter()
 
+    classes = args.classes if args.classes else [args.removed_class]
     all_rows, all_runs, bd_rows, bd_runs = [], [], [], []
     for seed in seeds:
-        log(f"seed {seed}: class removal")
-        rows, runs = removal_runs(seed, args.removed_class, ratios, ("outputs", "gradients"),
-                                  dataclasses.replace(training, seed=seed), base, log)
-        all_rows.append(rows)
-        all_runs += [dict(r, seed=seed) for r in runs]
+        for removed in classes:
+            log(f"seed {seed}: class removal of {removed}")
+            rows, runs = removal_runs(seed, removed, ratios, ("outputs", "gradients"),
+                                      dataclasses.replace(training, seed=seed), base, log)
+            all_rows.append(dict(rows, removed_class=removed))
+            all_runs += [dict(r, seed=seed, removed_class=removed) for r in runs]
         if not args.no_backdoor:
             log(f"seed {seed}: backdoor")
             rows, runs = backdoor_runs(seed, dataclasses.replace(training, seed=seed), base, log)
             bd_rows.append(rows)
             bd_runs += [dict(r, seed=seed) for r in runs]
 
-    payload = {"seeds": seeds, "removed_class": args.removed_class, "quick": args.quick,
+    payload = {"seeds": seeds, "removed_class": classes[0], "classes": classes, "quick": args.quick,
                "ratios": list(ratios), "seconds": time.perf_counter() - t0,
                "backend": jax.default_backend(),
                "training": dataclasses.asdict(training), "config": dataclasses.asdict(base),

@@ -240,3 +240,42 @@ def test_own_model_smoke_writes_the_full_schema(tmp_path):
     assert len(refs["budgets"]) == 3
     for b in refs["budgets"].values():
         assert 0 <= b["converged"] <= 4 and positive(b["wall_s"]) and set(b["failures"]) <= set(FAILURES)
+
+
+def test_paired_ci_constant_symmetric_deterministic_and_verdict():
+    from benchmarks.tasks_report import ci_verdict, format_ci, paired_ci, paired_f1
+
+    # constant differences: zero-width CI at that value
+    ci = paired_ci([0.9, 0.8, 0.7, 0.6], [0.85, 0.75, 0.65, 0.55])
+    assert ci["n"] == 4
+    assert ci["mean"] == pytest.approx(0.05) and ci["lo"] == pytest.approx(0.05)
+    assert ci["hi"] == pytest.approx(0.05)
+    assert ci_verdict(ci) == "yes" and ci_verdict(ci, claimed=-1) == "no"
+    assert format_ci(ci) == "+0.050 [+0.050, +0.050] (n=4)"
+
+    # symmetric differences (−1, +1): mean 0, CI symmetric around 0 and inside [−1, 1]
+    ci = paired_ci([1.0, 0.0] * 5, [0.0, 1.0] * 5, n_boot=20_000)
+    assert ci["mean"] == pytest.approx(0.0)
+    assert ci["lo"] == pytest.approx(-ci["hi"], abs=0.05)
+    assert -1.0 < ci["lo"] < 0.0 < ci["hi"] < 1.0
+    assert ci_verdict(ci) == "inconclusive"
+
+    # deterministic given the seed; another seed resamples differently
+    a, b = [0.9, 0.5, 0.7, 0.2, 0.95], [0.8, 0.6, 0.4, 0.25, 0.9]
+    assert paired_ci(a, b, seed=3) == paired_ci(a, b, seed=3)
+    assert paired_ci(a, b, seed=3) != paired_ci(a, b, seed=4)
+
+    # verdict rule: below 0 is "no" for the claim a > b; no spread is inconclusive
+    ci = paired_ci([0.1, 0.2, 0.15], [0.5, 0.6, 0.55])
+    assert ci["hi"] < 0 and ci_verdict(ci) == "no"
+    assert format_ci(ci).startswith("\u22120.400 [\u22120.400")
+    one = paired_ci([0.9], [0.1])
+    assert one["mean"] == pytest.approx(0.8) and ci_verdict(one) == "inconclusive"
+    assert ci_verdict({"mean": 0.1, "lo": -0.01, "hi": 0.2, "n": 5}) == "inconclusive"
+
+    # pairing by unit: (class, seed), in unit order, only units both estimators have
+    ra = [{"seed": 1, "removed_class": 0, "f1": 0.5}, {"seed": 0, "removed_class": 0, "f1": 0.7},
+          {"seed": 0, "removed_class": 3, "f1": 0.9}]
+    rb = [{"seed": 0, "removed_class": 0, "f1": 0.6}, {"seed": 1, "removed_class": 0, "f1": 0.4}]
+    assert paired_f1(ra, rb) == ([0.7, 0.5], [0.6, 0.4])
+    assert paired_f1([{"seed": 2, "f1": 1.0}], [{"seed": 2, "f1": 0.0}], 0) == ([1.0], [0.0])
