@@ -249,10 +249,13 @@ class LowRank(Solver):
                                 f"0 (default) or the factors' damping {float(np.asarray(f.damping))!r}",
                                 "leave damping out: the factors already include theirs "
                                 "(factorize again to change it).")
-        if spec.kind == "ggn" and f.curvature != "ggn":
-            raise _checks.error(fn, "curvature", "a GGN spec" if spec.kind == "ggn" else "'hessian'",
+        if (spec.kind == "ggn") != (f.curvature == "ggn"):
+            # the factors give the answer, but derivatives (implicit, through the operator) and
+            # any check against the operator must see the matrix the factors approximate
+            raise _checks.error(fn, "curvature", "a GGN spec" if spec.kind == "ggn" else "'hessian' (the default)",
                                 f"the factors' curvature {f.curvature!r}",
-                                "leave curvature out, or factorize with the same curvature.")
+                                "pass the curvature the factors were built with (for GGN factors the same "
+                                "curvature=gifjax.GGN(...)), or factorize again with this one.")
         return spec.replace(damping=f.damping)
 
     def setup(self, operator, form, fn: str = "lowrank.LowRank"):

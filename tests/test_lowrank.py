@@ -283,3 +283,24 @@ def test_converged_only_when_the_rhs_lies_in_the_factors_subspace(x64):
     wrong = gifjax.influence(problem.loss, problem.params, g, problem.x, problem.y, mask=other, method="fif",
                              solver=LowRank(factors("fif")))
     assert not bool(wrong.converged) and wrong.solution.failure_names() == "approximate"
+
+
+def test_factors_and_the_call_must_name_the_same_curvature(x64):
+    """GGN factors answer from the GGN; derivatives go through the operator, so it must be the GGN too."""
+    from conftest import _l2, _xent, mlp_apply
+
+    problem, mask = setup()
+    ggn = gifjax.GGN(lambda p, x, y: mlp_apply(p, x), lambda z, x, y: jnp.mean(_xent(z, y)), _l2)
+    full = dims("if", problem, mask)  # the whole Krylov space: the factors are exact
+    f = lowrank.factorize(problem.loss, problem.params, problem.x, problem.y, method="if", curvature=ggn,
+                          damping=0.1, rank=full, num_steps=full)
+    g = removal_grad(problem)
+    with pytest.raises(ValueError, match=r"gifjax\.influence: bad `curvature`: got 'hessian' \(the default\); "
+                                         r"expected the factors' curvature 'ggn'.*curvature=gifjax\.GGN"):
+        run("if", LowRank(f), g)
+    with pytest.raises(ValueError, match=r"bad `curvature`: got a GGN spec; expected the factors' curvature 'hessian'"):
+        run("if", LowRank(factors("if")), g, curvature=ggn)
+    # with the same curvature: the full-rank factors give the dense GGN solve
+    out = run("if", LowRank(f), g, curvature=ggn)
+    dense = run("if", "dense", g, curvature=ggn, damping=0.1)
+    assert rel_err(problem.flat(out.delta), problem.flat(dense.delta)) < 1e-8
