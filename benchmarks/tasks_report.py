@@ -231,13 +231,13 @@ def removal_table(all_rows, all_runs, setting) -> tuple[str, str]:
 
 
 def winner(f1s: dict) -> str:
-    """Best mean F1, and in how many seeds it beats the runner-up (F1 lists in seed order)."""
+    """Best mean F1, and in how many runs (seeds, or (class, seed) pairs) it beats the runner-up."""
     means = {m: float(np.mean(v)) for m, v in f1s.items()}
     best, second = sorted(means, key=means.get, reverse=True)[:2]
     a, b = np.asarray(f1s[best]), np.asarray(f1s[second])
     wins, ties = int((a > b).sum()), int((a == b).sum())
     return (f"**{NAMES[best]}** ({means[best]:.3f}) over {NAMES[second]} ({means[second]:.3f}): "
-            f"higher in {wins} of {len(a)} seeds" + (f", equal in {ties}" if ties else ""))
+            f"higher in {wins} of {len(a)} runs" + (f", equal in {ties}" if ties else ""))
 
 
 def render(payload: dict) -> str:
@@ -318,9 +318,10 @@ def render(payload: dict) -> str:
            f"Mean paired difference over units (one unit = one {unit}; the backdoor's unit is "
            "the seed), percentile bootstrap 95 % CI (10,000 resamples of the units, seed 0), "
            "then the verdict on the claim \"GIF is better\": **yes** when the CI lies above 0, "
-           "**no** when it lies below 0, **inconclusive** when it contains 0. With 5 units the "
-           "bootstrap CI is narrow and optimistic (it cannot be wider than the range of the "
-           "differences), so read \"yes\"/\"no\" as descriptive, not as a test at 5 %.", "",
+           "**no** when it lies below 0, **inconclusive** when it contains 0. With few units "
+           "(n in each cell) the percentile bootstrap CI is narrow and optimistic (it cannot be "
+           "wider than the range of the differences), so read \"yes\"/\"no\" as descriptive, "
+           "not as a test at 5 %.", "",
            table(["task, protocol", "scores", "ratio", "GIF − IF", "GIF − FIF", "GIF − PIF"],
                  paired)]
     return "\n".join(md)
