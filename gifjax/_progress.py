@@ -67,6 +67,7 @@ PROJECTION_NOTICE_S = 600.0
 #: ... measured over the first this many seconds of operator products (compile time excluded).
 _PROJECTION_AFTER_S = 5.0
 _BURST_S = 0.01  # products reported closer together than this are one step's lanes
+_RECENT_BURSTS = 64  # the rate is the median over these: a long call's redraws stay O(1)
 
 
 @contextlib.contextmanager
@@ -117,7 +118,8 @@ def _rate(state):
 
     A vmapped chunk's lanes report each step's products together (a burst),
     so bursts, not single products, are the clock. The first burst (it may be
-    a stray product) and the burst still arriving are left out.
+    a stray product) and the burst still arriving are left out; only the
+    latest :data:`_RECENT_BURSTS` count.
     """
     bursts = state["bursts"]
     if len(bursts) < 4:
@@ -152,12 +154,14 @@ def _product(_):
             bursts[-1][1] += 1
         else:  # the first product arrives after compilation
             bursts.append([now, 1])
-            rate = _rate(state)
-            if state["budget"] and rate and not state["noticed"] and now - bursts[0][0] >= _PROJECTION_AFTER_S:
-                state["noticed"] = True
-                note = projection(state["desc"], state["budget"], rate)
-                if note:
-                    state["bar"].write(note, file=sys.stderr)
+            del bursts[1:-_RECENT_BURSTS]  # the first (for the 5 s clock) and the recent ones suffice
+            if state["budget"] and not state["noticed"] and now - bursts[0][0] >= _PROJECTION_AFTER_S:
+                rate = _rate(state)
+                if rate:
+                    state["noticed"] = True
+                    note = projection(state["desc"], state["budget"], rate)
+                    if note:
+                        state["bar"].write(note, file=sys.stderr)
         state["products"] += 1
         state["last"] = now
         if now - state["drawn"] >= 0.5:  # redraw twice a second, not on every product
