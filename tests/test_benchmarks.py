@@ -126,20 +126,27 @@ def test_peer_skips_cleanly_without_pydvl(tmp_path, monkeypatch, capsys):
     assert "skipped" in (tmp_path / "peer.md").read_text()
 
 
+def _run_smoke(module, tmp_path, *, timeout):
+    """``python -m benchmarks.<module> --smoke --results tmp_path`` on CPU; the finished process."""
+    import os
+    import subprocess
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", GIFJAX_BENCH_RESULTS=str(tmp_path / "unused"))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    proc = subprocess.run([sys.executable, "-m", f"benchmarks.{module}", "--smoke", "--results", str(tmp_path)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
 @pytest.mark.slow
 def test_accelerator_smoke_writes_the_full_schema(tmp_path):
     """`python -m benchmarks.accelerator --smoke` end to end on CPU (~30 s): every section ok, numbers sane."""
     import math
-    import os
-    import subprocess
 
     from gifjax.solvers import FAILURES
 
-    env = dict(os.environ, JAX_PLATFORMS="cpu", GIFJAX_BENCH_RESULTS=str(tmp_path / "unused"))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.accelerator", "--smoke", "--results", str(tmp_path)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = _run_smoke("accelerator", tmp_path, timeout=600)
     assert "hvp_cost/" in proc.stdout and " s] " in proc.stdout  # progress lines with elapsed time
     data = json.loads((tmp_path / "accelerator.json").read_text())  # --results wins over the variable
     assert "## Accelerator benchmark (smoke, complete)" in (tmp_path / "accelerator.md").read_text()
@@ -188,16 +195,10 @@ def test_accelerator_smoke_writes_the_full_schema(tmp_path):
 def test_own_model_smoke_writes_the_full_schema(tmp_path):
     """`python -m benchmarks.own_model --smoke` end to end on CPU (~3 min on 2 cores): guarded calls, references."""
     import math
-    import os
-    import subprocess
 
     from gifjax.solvers import FAILURES
 
-    env = dict(os.environ, JAX_PLATFORMS="cpu", GIFJAX_BENCH_RESULTS=str(tmp_path / "unused"))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.own_model", "--smoke", "--results", str(tmp_path)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = _run_smoke("own_model", tmp_path, timeout=1200)
     assert "call if:" in proc.stdout and "reference at λ*" in proc.stdout
     data = json.loads((tmp_path / "own_model.json").read_text())  # --results wins over the variable
     md = (tmp_path / "own_model.md").read_text()
