@@ -450,7 +450,7 @@ def section_model(run: Run, prob: Problem):
                                "rtol_symmetric_f32": solvers.default_rtol(jnp.float32),
                                "rtol_normal_f32": solvers.default_rtol(jnp.float32, normal=True),
                                "test_chunk_size": run.mode.chunk,
-                               "auto": {"if": "MINRES", "gif": "LSTSQ"}}
+                               "auto": {"if": "BlockCG, MINRES where indefinite", "gif": "LSTSQ"}}
     run.payload["model"] = {
         "params": prob.num_params(), "n_train": int(len(prob.y)), "n_test": int(len(prob.yt)),
         "train_s": prob.train_s, "epochs": run.mode.epochs,

@@ -33,7 +33,6 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from typing import Any, Callable, NamedTuple
 
@@ -44,7 +43,7 @@ import numpy as np
 from . import _checks, _repr
 from .estimators import Scores, influence_scores
 from .operators import Estimator
-from .solvers import DEFAULT_MAX_STEPS, FAILURES, Dense, default_rtol, get_solver
+from .solvers import DEFAULT_MAX_STEPS, FAILURES, LSTSQ, MINRES, Dense, default_rtol, get_solver
 
 __all__ = ["ScoreCheck", "check_scores", "reference_solver"]
 
@@ -110,8 +109,10 @@ def reference_solver(solver, *, method: str = "if", dtype=jnp.float32, steps_fac
 
     ``Dense`` stays dense (already exact). Any other solver — a Krylov
     method, LiSSA, :class:`gifjax.lowrank.LowRank` factors — is replaced by
-    ``solver="auto"``'s choice for the estimator's structure (MINRES for
-    if/pif/fif, LSTSQ for gif) with ``rtol`` 100× below the dtype's default
+    the single-query Krylov method for the estimator's structure (MINRES for
+    if/pif/fif, which needs no positive definiteness and shares nothing
+    between queries with the default block solver; LSTSQ for gif) with
+    ``rtol`` 100× below the dtype's default
     (:func:`gifjax.solvers.default_rtol`) and ``steps_factor`` × the budget
     (the given solver's ``max_steps``, or :data:`gifjax.solvers.DEFAULT_MAX_STEPS`).
     """
@@ -119,9 +120,8 @@ def reference_solver(solver, *, method: str = "if", dtype=jnp.float32, steps_fac
     if isinstance(solver, Dense) or (isinstance(solver, str) and solver == "dense"):
         return get_solver("dense", form=form)
     steps = getattr(solver, "max_steps", None) or DEFAULT_MAX_STEPS
-    auto = get_solver("auto", form=form, fn="check_scores")
     rtol = default_rtol(dtype, normal=form != "symmetric") / 100
-    return dataclasses.replace(auto, rtol=rtol, max_steps=int(steps_factor * steps))
+    return (MINRES if form == "symmetric" else LSTSQ)(rtol=rtol, max_steps=int(steps_factor * steps))
 
 
 def _spearman(a, b):

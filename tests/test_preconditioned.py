@@ -213,6 +213,47 @@ def test_block_cg_needs_fewer_steps_than_vmapped_cg_and_reports_indefinite(x64):
     assert bool(jnp.all(jnp.isfinite(bad.value)))
 
 
+def test_fallback_keeps_block_cg_answers_and_redoes_indefinite_ones_with_minres(x64):
+    def many(solver, A, B):  # one compiled program per call (eager loops dispatch op by op)
+        op = solvers.LinearOperator(lambda v: A @ v, symmetric=True, like=B[0])
+        return jax.jit(lambda B: solver.compute_many(solver.init(op), B))(B)
+
+    A, rng = outliers(60, 6, 0.1)
+    B = jnp.asarray(rng.normal(size=(6, 60))).at[2].set(jnp.nan)     # one bad query among good ones
+    auto = solvers.get_solver("auto")
+    sol = many(auto, A, B)
+    good = np.delete(np.arange(6), 2)
+    assert bool(jnp.all(sol.converged[good])) and sol.failure_names()[2] == "nonfinite"
+    assert rel_err(sol.value[good], jnp.linalg.solve(A, B[good].T).T) < 1e-8
+    block = many(solvers.BlockCG(), A, B)   # positive definite: block CG's answer, never redone
+    assert np.array_equal(np.asarray(sol.num_matvecs[good]), np.asarray(block.num_matvecs[good]))
+    # indefinite: block CG stops, every column is redone by MINRES from zero, and the work adds up
+    S, _ = matrix("indefinite")
+    S = jnp.asarray(S)
+    Bs = jnp.asarray(rng.normal(size=(4, 40)))
+    sol, alone, first = (many(s, S, Bs) for s in (auto, solvers.MINRES(), solvers.BlockCG()))
+    assert set(first.failure_names()) == {"indefinite"} and bool(jnp.all(sol.converged))
+    assert rel_err(sol.value, jnp.linalg.solve(S, Bs.T).T) < 1e-8
+    np.testing.assert_array_equal(sol.num_matvecs, alone.num_matvecs + first.num_matvecs)
+    # one right-hand side: straight to MINRES (batches_only); without it, through CG first
+    single = lambda s: jax.jit(lambda b: s(lambda v: S @ v, b))(Bs[0])  # noqa: E731
+    one, minres, two = single(auto), single(solvers.MINRES()), single(solvers.Fallback(solvers.CG(), solvers.MINRES()))
+    assert int(one.num_matvecs) == int(minres.num_matvecs) and bool(one.converged)
+    assert bool(two.converged) and int(two.num_matvecs) > int(one.num_matvecs)
+    assert rel_err(two.value, jnp.linalg.solve(S, Bs[0])) < 1e-8
+    # derivatives (through the MINRES branch; the block CG one is tested with block scores) are dense ones
+    f = lambda t: many(auto, t * S, Bs).value.sum()  # noqa: E731
+    dense = jax.grad(lambda t: jnp.linalg.solve(t * S, Bs.T).sum())(2.0)
+    assert abs(float(jax.grad(f)(2.0)) - float(dense)) < 1e-8 * max(1.0, abs(float(dense)))
+
+
+def test_fallback_names_a_bad_argument():
+    with pytest.raises(TypeError, match=r"solvers.Fallback.*then.*'minres'.*a solver value"):
+        solvers.Fallback(solvers.BlockCG(), "minres")
+    with pytest.raises(ValueError, match=r"solvers.Fallback.*on.*'indefinit'.*FAILURES"):
+        solvers.Fallback(solvers.BlockCG(), solvers.MINRES(), on=("indefinit",))
+
+
 @pytest.mark.parametrize("method", ["if", "gif"])
 def test_block_scores_match_dense_scores(method, x64):
     problem = make_problem("mlp", x64)
