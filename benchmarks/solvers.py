@@ -125,7 +125,7 @@ def main(argv=None):
         f"query than vmapped CG (target ≥ 10×) and {targets['ms_per_query_over_cg_q1']:.3g}× the per-query "
         f"time of CG at Q = 1 (target ≤ 0.2).",
         "`solver=\"auto\"` (the default) is block CG on this positive-definite system: "
-        "`Fallback(BlockCG(), MINRES(), batches_only=True)` hands a query to MINRES only where block CG "
+        "`Fallback(BlockCG(), MINRES(), min_batch=8)` hands a query to MINRES only where block CG "
         "meets negative curvature.",
     ])
     write("solvers", out, md)

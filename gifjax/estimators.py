@@ -44,8 +44,8 @@ the solver (``init`` once, ``compute`` per right-hand side; the adjoint is
 * ``damping=λ`` or ``gifjax.AutoDamping(fraction, key=...)``: λ = fraction ×
   the mean eigenvalue of the curvature (a Hutchinson trace estimate),
   reported as ``damping`` in the results;
-* ``solver``: ``"auto"`` (if/pif/fif: MINRES for one query, block CG with a
-  MINRES fallback for a batch; LSTSQ for gif), a name, a
+* ``solver``: ``"auto"`` (if/pif/fif: MINRES for fewer than 8 queries, block
+  CG with a MINRES fallback for a chunk of 8 or more; LSTSQ for gif), a name, a
   configured value such as ``gifjax.solvers.CG(rtol=1e-8)``, or
   ``gifjax.lowrank.LowRank(factors)`` (one shared rank-k factorisation, no
   HVP per query);
@@ -269,8 +269,9 @@ def influence(loss_fn: Callable, params, g, *args, mask=None, method: str = "gif
       mask: boolean element mask like ``params`` (traced), or ``None`` for
         all parameters; ignored (but validated) by ``method="if"``.
       method: ``"if"``, ``"pif"``, ``"fif"`` or ``"gif"`` (static).
-      solver: ``"auto"`` (if/pif/fif: MINRES for one query, block CG with a
-        MINRES fallback for a batch — see ``gifjax.solvers.AUTO``; LSTSQ for
+      solver: ``"auto"`` (if/pif/fif: MINRES for fewer than 8 queries, block
+        CG with a MINRES fallback for a chunk of 8 or more — see
+        ``gifjax.solvers.AUTO``; LSTSQ for
         gif), a name from
         ``gifjax.solvers.SOLVERS``, or a configured value such as
         ``gifjax.solvers.CG(rtol=1e-8, max_steps=500)``, or

@@ -100,8 +100,8 @@ def main(out_path):
            "ref_converged": bool(all(np.all(r.solution.converged) for r in ref.values()))}
     q8, d8, qd = parallel.make_mesh(), parallel.make_mesh(1, 8), parallel.make_mesh(2, 4)
 
-    def scores(name, mesh, method, n_train, n_test, **kw):
-        solver = CG if method == "if" else LSTSQ
+    def scores(name, mesh, method, n_train, n_test, solver=None, **kw):
+        solver = solver or (CG if method == "if" else LSTSQ)
         extra = dict(mask=mask) if method == "gif" else {}
         out = parallel.influence_scores(loss, params, example_loss, (x[:n_train], y[:n_train]),
                                         (x[:n_test], y[:n_test]), x, y, mesh=mesh, method=method,
@@ -120,6 +120,8 @@ def main(out_path):
     scores("data_if_1x8", d8, "if", 22, 5, query_axis=None, data_axis="data", chunk_size=2)
     # both: 2 query shards × 4 data shards, even sizes: sharded P("data", "queries")
     scores("both_gif_2x4", qd, "gif", N, 6, data_axis="data")
+    # the default solver (block CG, MINRES fallback: a lax.cond per shard) with a data-parallel Hessian
+    scores("both_auto_if_2x4", qd, "if", N, 6, data_axis="data", solver="auto")
 
     # batched adjoint solves, query- and data-parallel
     sol = parallel.adjoint_solve(loss, params, refs["grads"], x, y, mesh=qd, data_axis="data",

@@ -79,6 +79,7 @@ def test_sharded_modes_equal_single_device(tmp_path):
         "query_if_13": ([24, 13], "()", "()"),           # 13 test points on 8: padded, trimmed
         "data_if_1x8": ([22, 5], "()", "()"),            # 22 train points on 8: padded, trimmed
         "both_gif_2x4": ([24, 6], "('data', 'queries')", "('queries',)"),
+        "both_auto_if_2x4": ([24, 6], "('data', 'queries')", "('queries',)"),
     }
     for mode, (shape, spec, sol_spec) in expected.items():
         r = res[mode]

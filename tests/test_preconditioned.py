@@ -186,7 +186,7 @@ def test_block_cg_matches_the_dense_solve_with_repeated_and_zero_columns(x64):
     op = solvers.LinearOperator(lambda v: A @ v, symmetric=True, psd=True, like=B[0])
     for name, M in PRECONDITIONERS.items():
         s = solvers.BlockCG(preconditioner=M, max_steps=400)
-        sol = s.compute_many(s.init(op), B)
+        sol = jax.jit(lambda B: s.compute_many(s.init(op), B))(B)  # one program, not op by op
         assert bool(jnp.all(sol.converged)), (name, sol.failure_names())
         assert rel_err(sol.value, jnp.linalg.solve(A, B.T).T) < 1e-8, name
         true = jnp.linalg.norm(B - sol.value @ A, axis=1)
@@ -213,16 +213,34 @@ def test_block_cg_needs_fewer_steps_than_vmapped_cg_and_reports_indefinite(x64):
     assert bool(jnp.all(jnp.isfinite(bad.value)))
 
 
+def test_block_cg_can_go_on_through_negative_curvature_and_certifies_the_answer(x64):
+    S, _ = matrix("indefinite")
+    S, B = jnp.asarray(S), jnp.asarray(np.random.default_rng(3).normal(size=(5, 40)))
+    op = solvers.LinearOperator(lambda v: S @ v, symmetric=True, like=B[0])
+    s = solvers.BlockCG(negative_curvature="continue")
+    sol = jax.jit(lambda B: s.compute_many(s.init(op), B))(B)
+    assert bool(jnp.all(sol.converged)), sol.failure_names()
+    assert rel_err(sol.value, jnp.linalg.solve(S, B.T).T) < 1e-8
+    true = jnp.linalg.norm(B - sol.value @ S, axis=1)
+    assert bool(jnp.all(true <= 1e-10 * jnp.linalg.norm(B, axis=1) * (1 + 1e-6)))
+    # a budget too small to converge is reported as such, never as converged
+    short = solvers.BlockCG(negative_curvature="continue", max_steps=2)
+    sol = jax.jit(lambda B: short.compute_many(short.init(op), B))(B)
+    assert not bool(jnp.any(sol.converged)) and set(sol.failure_names()) == {"max_steps"}
+    with pytest.raises(ValueError, match=r"solvers.BlockCG.*negative_curvature.*'go'"):
+        solvers.BlockCG(negative_curvature="go")
+
+
 def test_fallback_keeps_block_cg_answers_and_redoes_indefinite_ones_with_minres(x64):
     def many(solver, A, B):  # one compiled program per call (eager loops dispatch op by op)
         op = solvers.LinearOperator(lambda v: A @ v, symmetric=True, like=B[0])
         return jax.jit(lambda B: solver.compute_many(solver.init(op), B))(B)
 
     A, rng = outliers(60, 6, 0.1)
-    B = jnp.asarray(rng.normal(size=(6, 60))).at[2].set(jnp.nan)     # one bad query among good ones
-    auto = solvers.get_solver("auto")
+    B = jnp.asarray(rng.normal(size=(8, 60))).at[2].set(jnp.nan)     # one bad query among good ones
+    auto = solvers.get_solver("auto")                                   # 8 queries: block CG first
     sol = many(auto, A, B)
-    good = np.delete(np.arange(6), 2)
+    good = np.delete(np.arange(8), 2)
     assert bool(jnp.all(sol.converged[good])) and sol.failure_names()[2] == "nonfinite"
     assert rel_err(sol.value[good], jnp.linalg.solve(A, B[good].T).T) < 1e-8
     block = many(solvers.BlockCG(), A, B)   # positive definite: block CG's answer, never redone
@@ -231,20 +249,33 @@ def test_fallback_keeps_block_cg_answers_and_redoes_indefinite_ones_with_minres(
     S, _ = matrix("indefinite")
     S = jnp.asarray(S)
     Bs = jnp.asarray(rng.normal(size=(4, 40)))
-    sol, alone, first = (many(s, S, Bs) for s in (auto, solvers.MINRES(), solvers.BlockCG()))
+    chained = solvers.Fallback(solvers.BlockCG(), solvers.MINRES())
+    sol, alone, first = (many(s, S, Bs) for s in (chained, solvers.MINRES(), solvers.BlockCG()))
     assert set(first.failure_names()) == {"indefinite"} and bool(jnp.all(sol.converged))
     assert rel_err(sol.value, jnp.linalg.solve(S, Bs.T).T) < 1e-8
     np.testing.assert_array_equal(sol.num_matvecs, alone.num_matvecs + first.num_matvecs)
-    # one right-hand side: straight to MINRES (batches_only); without it, through CG first
+    # fewer than min_batch queries (4 < 8, or one): straight to MINRES; without it, through CG first
+    np.testing.assert_array_equal(many(auto, S, Bs).num_matvecs, alone.num_matvecs)
     single = lambda s: jax.jit(lambda b: s(lambda v: S @ v, b))(Bs[0])  # noqa: E731
-    one, minres, two = single(auto), single(solvers.MINRES()), single(solvers.Fallback(solvers.CG(), solvers.MINRES()))
+    one, minres = single(auto), single(solvers.MINRES())
+    two = single(solvers.Fallback(solvers.CG(), solvers.MINRES()))
     assert int(one.num_matvecs) == int(minres.num_matvecs) and bool(one.converged)
     assert bool(two.converged) and int(two.num_matvecs) > int(one.num_matvecs)
     assert rel_err(two.value, jnp.linalg.solve(S, Bs[0])) < 1e-8
-    # derivatives (through the MINRES branch; the block CG one is tested with block scores) are dense ones
-    f = lambda t: many(auto, t * S, Bs).value.sum()  # noqa: E731
+
+
+def test_fallback_derivatives_are_the_dense_ones(x64):
+    """Through the MINRES branch (the block CG one is tested with block scores)."""
+    S, _ = matrix("indefinite")
+    S, Bs = jnp.asarray(S), jnp.asarray(np.random.default_rng(5).normal(size=(4, 40)))
+    chained = solvers.Fallback(solvers.BlockCG(), solvers.MINRES())
+
+    def f(t):
+        op = solvers.LinearOperator(lambda v: t * (S @ v), symmetric=True, like=Bs[0])
+        return chained.compute_many(chained.init(op), Bs).value.sum()
+
     dense = jax.grad(lambda t: jnp.linalg.solve(t * S, Bs.T).sum())(2.0)
-    assert abs(float(jax.grad(f)(2.0)) - float(dense)) < 1e-8 * max(1.0, abs(float(dense)))
+    assert abs(float(jax.jit(jax.grad(f))(2.0)) - float(dense)) < 1e-8 * max(1.0, abs(float(dense)))
 
 
 def test_fallback_names_a_bad_argument():
