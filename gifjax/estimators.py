@@ -271,8 +271,7 @@ def influence(loss_fn: Callable, params, g, *args, mask=None, method: str = "gif
       method: ``"if"``, ``"pif"``, ``"fif"`` or ``"gif"`` (static).
       solver: ``"auto"`` (if/pif/fif: MINRES for fewer than 8 queries, block
         CG with a MINRES fallback for a chunk of 8 or more — see
-        ``gifjax.solvers.AUTO``; LSTSQ for
-        gif), a name from
+        ``gifjax.solvers.AUTO``; LSTSQ for gif), a name from
         ``gifjax.solvers.SOLVERS``, or a configured value such as
         ``gifjax.solvers.CG(rtol=1e-8, max_steps=500)``, or
         ``gifjax.lowrank.LowRank(factors)`` (shared low-rank factorisation).

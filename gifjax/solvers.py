@@ -1059,27 +1059,31 @@ class Fallback(Solver):
 
     def compute(self, state, b, *, throw: bool = False):
         if self.min_batch > 1:
-            sol = self.then.compute(SolverState(state.operator, state.form, state.data[1]), b)
+            sol = self.then.compute(self._state(state, 1), b)
         else:
             sol = self._combine(state, b, lambda solver, st, rhs: solver.compute(st, rhs))
         return check_solution("solvers.Fallback", sol) if throw else sol
 
     def compute_many(self, state, B):
         if jax.tree_util.tree_leaves(B)[0].shape[0] < self.min_batch:
-            return self.then.compute_many(SolverState(state.operator, state.form, state.data[1]), B)
+            return self.then.compute_many(self._state(state, 1), B)
         return self._combine(state, B, lambda solver, st, rhs: solver.compute_many(st, rhs))
 
+    @staticmethod
+    def _state(state, i):
+        """The state of ``first`` (0) or ``then`` (1)."""
+        return SolverState(state.operator, state.form, state.data[i])
+
     def _combine(self, state, b, solve):
-        first_state, then_state = (SolverState(state.operator, state.form, data) for data in state.data)
-        first = solve(self.first, first_state, b)
+        first = solve(self.first, self._state(state, 0), b)
         redo = functools.reduce(jnp.logical_or, [first.failure == FAILURES.index(f) for f in self.on])
-        # rows of b, if b is a batch: zero right-hand sides cost the second solver nothing
-        zero_unless = lambda t: jnp.where(redo.reshape(redo.shape + (1,) * (t.ndim - redo.ndim)), t, 0)  # noqa: E731
+        # per right-hand side (the rows of a batch): new where redone, else old
+        pick = lambda new, old: jnp.where(redo.reshape(redo.shape + (1,) * (new.ndim - redo.ndim)), new, old)  # noqa: E731
 
         def again():
-            then = solve(self.then, then_state, jax.tree_util.tree_map(zero_unless, b))
-            pick = lambda new, old: jnp.where(redo.reshape(redo.shape + (1,) * (new.ndim - redo.ndim)),  # noqa: E731
-                                              new, old)
+            # the others get zero right-hand sides, which cost the second solver nothing
+            rhs = jax.tree_util.tree_map(lambda t: pick(t, jnp.zeros_like(t)), b)
+            then = solve(self.then, self._state(state, 1), rhs)
             added = then._replace(num_steps=then.num_steps + first.num_steps,
                                   num_matvecs=then.num_matvecs + first.num_matvecs)
             return jax.tree_util.tree_map(pick, added, first)
