@@ -198,6 +198,15 @@ def torch_model(peer, params, hidden):
 
 # ----------------------------------------------------------------------------- the job
 
+def torch_data(peer, x, y, x_test, y_test, batch_size):
+    """The same data as torch tensors (train, test) and pyDVL's training DataLoader."""
+    torch = peer["torch"]
+    xt, yt = torch.from_numpy(np.array(x)), torch.from_numpy(np.array(y)).long()
+    xs, ys = torch.from_numpy(np.array(x_test)), torch.from_numpy(np.array(y_test)).long()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xt, yt), batch_size=batch_size)
+    return xt, yt, xs, ys, loader
+
+
 def run_job(peer, name, hidden, wd, x, y, x_test, y_test, *, train_steps, reps, batch_size):
     torch = peer["torch"]
     F = torch.nn.functional
@@ -212,10 +221,7 @@ def run_job(peer, name, hidden, wd, x, y, x_test, y_test, *, train_steps, reps, 
     out["test_acc"] = float(jnp.mean(jnp.argmax(apply(params, x_test), -1) == y_test))
 
     model = torch_model(peer, params, hidden)
-    xt, yt = torch.from_numpy(np.array(x)), torch.from_numpy(np.array(y)).long()
-    xs, ys = torch.from_numpy(np.array(x_test)), torch.from_numpy(np.array(y_test)).long()
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xt, yt),
-                                         batch_size=batch_size)
+    xt, yt, xs, ys, loader = torch_data(peer, x, y, x_test, y_test, batch_size)
 
     # 1. the matrices agree: gifjax's H of the objective vs pyDVL's H of its loss + λI
     H_jax = flat_hessian(objective, params, names, x, y)
@@ -309,9 +315,7 @@ def run_krylov_job(peer, hidden, wd, x, y, x_test, y_test, *, train_steps, reps,
     objective = make_objective(wd)
     params, grad_norm = train(objective, init(hidden, jax.random.key(0)), x, y, train_steps)
     model = torch_model(peer, params, hidden)
-    xt, yt = torch.from_numpy(np.array(x)), torch.from_numpy(np.array(y)).long()
-    xs, ys = torch.from_numpy(np.array(x_test)), torch.from_numpy(np.array(y_test)).long()
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xt, yt), batch_size=batch_size)
+    xt, yt, xs, ys, loader = torch_data(peer, x, y, x_test, y_test, batch_size)
     import gifjax
     from gifjax import solvers
 
@@ -338,7 +342,7 @@ def run_krylov_job(peer, hidden, wd, x, y, x_test, y_test, *, train_steps, reps,
         ("gifjax", 'default (solver="auto": block CG, chunks of 16)', gif("auto", 16)),
         ("gifjax", 'solver="auto", one block of all queries', gif("auto", n)),
         ("gifjax", "auto with rtol 1e-6, one block", gif(solvers.Fallback(
-            solvers.BlockCG(rtol=1e-6), solvers.MINRES(rtol=1e-6), batches_only=True), n)),
+            solvers.BlockCG(rtol=1e-6), solvers.MINRES(rtol=1e-6), min_batch=8), n)),
         ("gifjax", 'BlockCG(negative_curvature="continue"), one block', gif(
             solvers.BlockCG(negative_curvature="continue"), n)),
         ("gifjax", 'BlockCG(negative_curvature="continue", rtol=1e-6), one block', gif(
@@ -376,12 +380,12 @@ def run_krylov_job(peer, hidden, wd, x, y, x_test, y_test, *, train_steps, reps,
              if best["pyDVL"] and best["gifjax"] else None)
     return {"model": f"MLP 64-{hidden}-10 tanh", "params": sum(int(np.prod(s)) for _, s in layout(hidden)),
             "n_train": len(y), "n_test": n, "damping": wd, "train_grad_norm": grad_norm, "lambda_max": lam_max,
-            "reference_s": reference_s,
+            "reference_s": reference_s, "reps": reps,
             "direct_vs_reference": float(np.linalg.norm(direct - reference) / np.linalg.norm(reference)),
             "rows": rows, "fastest_accurate": best, "pydvl_over_gifjax_at_1e-4": ratio}
 
 
-def krylov_markdown(k: dict, reps: int) -> str:
+def krylov_markdown(k: dict) -> str:
     rows = [[r["library"], r["config"], r["seconds"], r["first_call_s"], r["relative_error"]] for r in k["rows"]]
     best, ratio = k["fastest_accurate"], k["pydvl_over_gifjax_at_1e-4"]
     verdict = ("no configuration of one library reached relative error 1e-4" if ratio is None else
@@ -392,7 +396,7 @@ def krylov_markdown(k: dict, reps: int) -> str:
             f"{k['n_train']} training × {k['n_test']} test points, float64, λ = {k['damping']:g} "
             f"(pyDVL `regularization`), the same weights. Error: relative Frobenius error of the whole "
             f"influence matrix against gifjax's dense float64 solve ({k['reference_s']:.1f} s; pyDVL's "
-            f"`DirectInfluence` agrees to {k['direct_vs_reference']:.1e}). Wall time: median of {reps} runs "
+            f"`DirectInfluence` agrees to {k['direct_vs_reference']:.1e}). Wall time: median of {k['reps']} runs "
             "after a first call (gifjax: one jitted call, compilation in the first call; pyDVL: fit + "
             "influences).\n\n"
             + common.table(["library", "configuration", "wall s", "first call s", "rel. error"], rows)
@@ -461,7 +465,7 @@ def main(argv=None) -> int:
         results = json.loads((common.RESULTS / "peer.json").read_text())
         md = markdown(results) if results.get("jobs") else (common.RESULTS / "peer.md").read_text()
         if results.get("krylov"):
-            md += "\n\n" + krylov_markdown(results["krylov"], 1 if results["quick"] else 2)
+            md += "\n\n" + krylov_markdown(results["krylov"])
         (common.RESULTS / "peer.md").write_text(md.rstrip() + "\n")
         print(md)
         return 0
@@ -508,7 +512,7 @@ def main(argv=None) -> int:
                                            batch_size=results["batch_size"])
     results["runtime_s"] = time.perf_counter() - t_start
 
-    md = markdown(results) + "\n\n" + krylov_markdown(results["krylov"], 1 if quick else 2)
+    md = markdown(results) + "\n\n" + krylov_markdown(results["krylov"])
     path = common.write("peer", results, md)
     print(md)
     print(f"wrote {path}")
