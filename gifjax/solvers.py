@@ -930,7 +930,9 @@ def _block_cg_refined(A, Minv, B, tol, max_steps, restarts, stop_indefinite):
     init = (jnp.int32(0), jnp.zeros_like(B), B, _row_norms(B), zero, jnp.int32(0), zero + NONE)
     rounds, x, _, rnorm, steps, k, fail = jax.lax.while_loop(cond, body, init)
     met = rnorm <= tol
-    stalled = (fail == NONE) & ~met & ((rounds > restarts) | (tol < _floor(_row_norms(B))))
+    # out of refinement rounds with budget left (or asked below the floor): the precision floor;
+    # out of budget: finish() reports max_steps
+    stalled = (fail == NONE) & ~met & (((rounds > restarts) & (k < max_steps)) | (tol < _floor(_row_norms(B))))
     return x, steps, k + rounds, rnorm, met, jnp.where(stalled, PRECISION, fail)
 
 
@@ -980,7 +982,10 @@ def _block_cg(A, Minv, B, tol, max_steps, stop_indefinite):
         r_new = r - mm(alpha.T, ap)
         rnorm = _row_norms(r_new)
         still = active & (rnorm > tol)
-        z = Minv(r_new) * still[:, None]
+        # a column that met its tolerance stays in the block while others go on: its HVPs are paid
+        # for anyway (fixed shapes), and its directions keep enlarging the shared Krylov space
+        grow = (rnorm > floor) & (fail == NONE)
+        z = Minv(r_new) * grow[:, None]
         beta = -mm(Ginv, mm(ap, z.T))                # [s, Q]
         p_new, keep_new = orthonormal(z + mm(beta.T, p))
         finite = jnp.all(jnp.isfinite(x_new)) & jnp.all(jnp.isfinite(p_new))
@@ -991,6 +996,7 @@ def _block_cg(A, Minv, B, tol, max_steps, stop_indefinite):
                 keep_new & ok, jnp.where(ok, still, active), steps + active, fail)
 
     active = _row_norms(B) > tol
+    floor = _floor(_row_norms(B))
     p, keep = orthonormal(Minv(B) * active[:, None])
     init = (jnp.int32(0), jnp.zeros_like(B), B, p, keep, active, jnp.zeros((Q,), jnp.int32),
             jnp.zeros((Q,), jnp.int32) + NONE)

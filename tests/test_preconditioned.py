@@ -213,6 +213,27 @@ def test_block_cg_needs_fewer_steps_than_vmapped_cg_and_reports_indefinite(x64):
     assert bool(jnp.all(jnp.isfinite(bad.value)))
 
 
+def test_block_cg_follows_one_path_whatever_the_tolerance_and_names_a_spent_budget(x64):
+    # a column that met a loose tolerance stays in the block (its products are paid for anyway),
+    # so a looser rtol stops earlier on the same path, never later; queries of very different
+    # difficulty share one block
+    A, rng = outliers(200, 12, 0.05)
+    B = jnp.asarray(rng.normal(size=(8, 200)) * np.logspace(-3, 3, 8)[:, None])
+    op = solvers.LinearOperator(lambda v: A @ v, symmetric=True, psd=True, like=B[0])
+    steps = []
+    for rtol in (1e-2, 1e-4, 1e-6, 1e-9):
+        s = solvers.BlockCG(rtol=rtol, restarts=0)
+        sol = jax.jit(lambda B: s.compute_many(s.init(op), B))(B)
+        true = jnp.linalg.norm(B - sol.value @ A, axis=1)
+        assert bool(jnp.all(sol.converged)) and bool(jnp.all(true <= rtol * jnp.linalg.norm(B, axis=1)))
+        steps.append(int(sol.num_steps.max()))
+    assert steps == sorted(steps) and steps[0] < steps[-1], steps
+    # stopped by max_steps before its refinement rounds ran out: "max_steps", not "precision"
+    s = solvers.BlockCG(max_steps=steps[-1] // 2, restarts=0)
+    sol = jax.jit(lambda B: s.compute_many(s.init(op), B))(B)
+    assert set(sol.failure_names()) == {"max_steps"}
+
+
 def test_block_cg_can_go_on_through_negative_curvature_and_certifies_the_answer(x64):
     S, _ = matrix("indefinite")
     S, B = jnp.asarray(S), jnp.asarray(np.random.default_rng(3).normal(size=(5, 40)))
