@@ -124,9 +124,8 @@ def main(argv=None):
         f"At Q = {qmax}, the fastest ({best}) used {targets['hvp_ratio_vs_vmapped_cg']:.3g}× fewer HVPs per "
         f"query than vmapped CG (target ≥ 10×) and {targets['ms_per_query_over_cg_q1']:.3g}× the per-query "
         f"time of CG at Q = 1 (target ≤ 0.2).",
-        "`solver=\"auto\"` (the default) is block CG on this positive-definite system: "
-        "`Fallback(BlockCG(), MINRES(), min_batch=8)` hands a query to MINRES only where block CG "
-        "meets negative curvature.",
+        "`solver=\"auto\"` (the default) is block CG on this positive-definite system; it hands a "
+        "query to MINRES only where block CG has not certified it within 300 block steps.",
     ])
     write("solvers", out, md)
     print(md)
