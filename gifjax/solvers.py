@@ -999,8 +999,7 @@ def _block_cg(A, Minv, B, tol, max_steps, stop_indefinite):
         still = active & (rnorm > tol)
         # a column that met its tolerance stays in the block while others go on: its HVPs are paid
         # for anyway (fixed shapes), and its directions keep enlarging the shared Krylov space
-        grow = (rnorm > floor) & (fail == NONE)
-        z = Minv(r_new) * grow[:, None]
+        z = Minv(r_new) * (rnorm > floor)[:, None]
         beta = -mm(Ginv, mm(ap, z.T))                # [s, Q]
         p_new, keep_new = orthonormal(z + mm(beta.T, p))
         finite = jnp.all(jnp.isfinite(x_new)) & jnp.all(jnp.isfinite(p_new))
@@ -1008,13 +1007,13 @@ def _block_cg(A, Minv, B, tol, max_steps, stop_indefinite):
         ok = f == NONE
         fail = jnp.where(ok | ~active, fail, f)
         worst = jnp.max(jnp.where(still, rnorm / scale, 0.0))
-        progress = (seen, jnp.where(worst < 0.5 * best, worst, best), jnp.where(worst < 0.5 * best, k, k_best))
+        halved = worst < 0.5 * best
+        progress = (seen, jnp.where(halved, worst, best), jnp.where(halved, k, k_best))
         return (k + 1, jnp.where(ok, x_new, x), jnp.where(ok, r_new, r), jnp.where(ok, p_new, p),
                 keep_new & ok, jnp.where(ok, still, active), steps + active, fail, progress)
 
-    active = _row_norms(B) > tol
-    scale = _tree.divisor(_row_norms(B))
-    floor = _floor(_row_norms(B))
+    bnorm = _row_norms(B)
+    active, scale, floor = bnorm > tol, _tree.divisor(bnorm), _floor(bnorm)
     p, keep = orthonormal(Minv(B) * active[:, None])
     progress = (jnp.bool_(False), jnp.asarray(1.0, dt), jnp.int32(0))  # (negative curvature seen, best, its step)
     init = (jnp.int32(0), jnp.zeros_like(B), B, p, keep, active, jnp.zeros((Q,), jnp.int32),
