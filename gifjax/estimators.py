@@ -45,7 +45,10 @@ the solver (``init`` once, ``compute`` per right-hand side; the adjoint is
   the mean eigenvalue of the curvature (a Hutchinson trace estimate),
   reported as ``damping`` in the results;
 * ``solver``: ``"auto"`` (if/pif/fif: MINRES for fewer than 8 queries, block
-  CG with a MINRES fallback for a chunk of 8 or more; LSTSQ for gif), a name, a
+  CG with a MINRES fallback for a chunk of 8 or more; LSTSQ for gif; their
+  step caps lowered where a call would exceed
+  ``gifjax.solvers.AUTO_FLOP_BUDGET``, about 4 minutes of curvature
+  products on 2 CPU cores — see ``gifjax.solvers.auto``), a name, a
   configured value such as ``gifjax.solvers.CG(rtol=1e-8)``, or
   ``gifjax.lowrank.LowRank(factors)`` (one shared rank-k factorisation, no
   HVP per query);
@@ -71,6 +74,7 @@ import numpy as np
 
 from . import _checks, _progress, _repr, _tree
 from . import curvature as _curv
+from . import solvers as _solvers
 from ._chunks import map_in_chunks
 from .operators import METHODS, Estimator, Problem, curvature_spec
 from .solvers import FAILURES, Solution, Solver, SolverState, check_solution, get_solver, warn_failures
@@ -170,20 +174,56 @@ def _configure(fn, params, mask, method, solver, curvature, damping, chunk_size,
                                              axis_name=axis_name)
 
 
-def _checked(fn, loss_fn, params, args, *, mask, method, solver, curvature, damping, chunk_size, axis_name):
-    """Every check of :func:`setup`, run now in Python: ``(solver value, curvature spec)``.
+def _checked(fn, loss_fn, params, args, *, mask, method, solver, curvature, damping, chunk_size, axis_name,
+             queries: int = 1, block: int = 1):
+    """Every check of :func:`setup`, run now in Python: ``(solver value, curvature spec, budget note)``.
 
     Inside the compiled program (:func:`_compiled`) values are traced, so the
     checks that read them (an empty mask, a negative damping, a summed loss
     with ``chunk_size``, low-rank factors built for another damping) happen
-    here first, with the concrete values.
+    here first, with the concrete values. ``solver="auto"`` is resolved for a
+    call of ``queries`` solves, vmapped ``block`` at a time, within
+    :data:`gifjax.solvers.AUTO_FLOP_BUDGET`; the note (``""`` when the
+    default caps fit) says what that cost the call, for its failure warning.
     """
-    estimator, solver, spec = _configure(fn, params, mask, method, solver, curvature, damping, chunk_size,
-                                         axis_name)
-    solver.configure(spec, estimator, fn)
+    estimator, value, spec = _configure(fn, params, mask, method, solver, curvature, damping, chunk_size,
+                                        axis_name)
+    note = ""
+    if isinstance(solver, str) and solver == "auto":
+        flops = _product_flops(loss_fn, params, args, spec, block)
+        steps = _solvers.auto_steps(flops, queries=queries, form=estimator.form)
+        if steps is not None:
+            value = _solvers.auto(estimator.form, steps=steps)
+            note = (f"solver='auto' kept this call within its work budget (solvers.AUTO_FLOP_BUDGET: "
+                    f"{queries} queries × {flops:.2g} FLOPs per curvature product allow {steps} steps per "
+                    f"query); to spend more pass solver=gifjax.solvers.auto(steps=...), or make the system "
+                    f"cheaper or better conditioned: damping, curvature=gifjax.Curvature(subsample=512)")
+    value.configure(spec, estimator, fn)
     if spec.chunk_size is not None and spec.ggn is None:
         _curv.check_mean_loss(loss_fn, params, args, spec.chunk_size)
-    return solver, spec
+    return value, spec, note
+
+
+def _product_flops(loss_fn, params, args, spec, block: int) -> float | None:
+    """XLA's estimate of one curvature product's floating-point operations (per vector), or None.
+
+    Lowered, not compiled, for ``block`` vectors at once (the primal pass is
+    shared by a block, as in the solves), on abstract values: it works under
+    a caller's ``jit`` too. None when the estimate is unavailable (e.g. a
+    loss closing over an outer transformation's tracer).
+    """
+    spec = spec.replace(axis_name=None)  # the estimate is per device: no collective to lower
+    product = lambda p, V, *a: jax.vmap(spec.undamped(loss_fn, p, *a)[0])(V)
+    shape = lambda x: jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
+    params_ = tree_map(shape, params)
+    V = tree_map(lambda x: jax.ShapeDtypeStruct((block,) + x.shape, x.dtype), params_)
+    try:
+        cost = jax.jit(product).lower(params_, V, *tree_map(shape, args)).cost_analysis()
+    except Exception:  # noqa: BLE001 — only an estimate: without it the default caps apply
+        return None
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = (cost or {}).get("flops")
+    return float(flops) / block if flops else None
 
 
 def _compiled(*static_argnames):
@@ -271,7 +311,9 @@ def influence(loss_fn: Callable, params, g, *args, mask=None, method: str = "gif
       method: ``"if"``, ``"pif"``, ``"fif"`` or ``"gif"`` (static).
       solver: ``"auto"`` (if/pif/fif: MINRES for fewer than 8 queries, block
         CG with a MINRES fallback for a chunk of 8 or more — see
-        ``gifjax.solvers.AUTO``; LSTSQ for gif), a name from
+        ``gifjax.solvers.AUTO``; LSTSQ for gif; step caps lowered to keep
+        the call within ``gifjax.solvers.AUTO_FLOP_BUDGET``, see
+        ``gifjax.solvers.auto``), a name from
         ``gifjax.solvers.SOLVERS``, or a configured value such as
         ``gifjax.solvers.CG(rtol=1e-8, max_steps=500)``, or
         ``gifjax.lowrank.LowRank(factors)`` (shared low-rank factorisation).
@@ -313,12 +355,13 @@ def influence(loss_fn: Callable, params, g, *args, mask=None, method: str = "gif
     """
     fn = "influence"
     _checks.check_like(fn, "g", g, params)
-    solver, spec = _checked(fn, loss_fn, params, args, mask=mask, method=method, solver=solver,
-                            curvature=curvature, damping=damping, chunk_size=chunk_size, axis_name=axis_name)
+    solver, spec, note = _checked(fn, loss_fn, params, args, mask=mask, method=method, solver=solver,
+                                  curvature=curvature, damping=damping, chunk_size=chunk_size,
+                                  axis_name=axis_name)
     out = _influence(params, g, args, mask, solver, spec, loss_fn=loss_fn, method=method, fn=fn)
     if throw:
         check_solution(fn, out.solution)
-    warn_failures(fn, out.solution)
+    warn_failures(fn, out.solution, note)
     return out
 
 
@@ -341,12 +384,13 @@ def adjoint_solve(loss_fn: Callable, params, test_grad, *args, mask=None, method
     """
     fn = "adjoint_solve"
     _checks.check_like(fn, "test_grad", test_grad, params)
-    solver, spec = _checked(fn, loss_fn, params, args, mask=mask, method=method, solver=solver,
-                            curvature=curvature, damping=damping, chunk_size=chunk_size, axis_name=axis_name)
+    solver, spec, note = _checked(fn, loss_fn, params, args, mask=mask, method=method, solver=solver,
+                                  curvature=curvature, damping=damping, chunk_size=chunk_size,
+                                  axis_name=axis_name)
     sol = _adjoint_solve(params, test_grad, args, mask, solver, spec, loss_fn=loss_fn, method=method, fn=fn)
     if throw:
         check_solution(fn, sol)
-    warn_failures(fn, sol)
+    warn_failures(fn, sol, note)
     return sol
 
 
@@ -376,9 +420,10 @@ def adjoint_solves(loss_fn: Callable, params, example_loss_fn: Callable, test_ex
     as in :func:`influence_scores`.
     """
     _checks.check_example_loss(fn, example_loss_fn, params, test_examples, "test_examples")
-    solver, spec = _checked(fn, loss_fn, params, args, mask=mask, method=method, solver=solver,
-                            curvature=curvature, damping=damping, chunk_size=chunk_size, axis_name=axis_name)
     n = _checks.leading_size(fn, "test_examples", test_examples)
+    solver, spec, _ = _checked(fn, loss_fn, params, args, mask=mask, method=method, solver=solver,
+                               curvature=curvature, damping=damping, chunk_size=chunk_size, axis_name=axis_name,
+                               queries=n, block=min(n, test_chunk_size))
     emit, show = _progress.wanted(progress, fn, _progress.chunks(n, test_chunk_size), params, test_examples, args)
     with _bar(fn, n, test_chunk_size, show, solver, method, mask):
         return _adjoint_solves(params, test_examples, args, mask, solver, spec, loss_fn=loss_fn,
@@ -509,9 +554,10 @@ def influence_scores(loss_fn: Callable, params, example_loss_fn: Callable, train
     fn = "influence_scores"
     _checks.check_example_loss(fn, example_loss_fn, params, train_examples, "train_examples")
     _checks.check_example_loss(fn, example_loss_fn, params, test_examples, "test_examples")
-    solver, spec = _checked(fn, loss_fn, params, args, mask=mask, method=method, solver=solver,
-                            curvature=curvature, damping=damping, chunk_size=chunk_size, axis_name=axis_name)
     n = _checks.leading_size(fn, "test_examples", test_examples)
+    solver, spec, note = _checked(fn, loss_fn, params, args, mask=mask, method=method, solver=solver,
+                                  curvature=curvature, damping=damping, chunk_size=chunk_size,
+                                  axis_name=axis_name, queries=n, block=min(n, test_chunk_size))
     emit, show = _progress.wanted(progress, fn, _progress.chunks(n, test_chunk_size), params, train_examples,
                                   test_examples, args)
     with _bar(fn, n, test_chunk_size, show, solver, method, mask):
@@ -521,7 +567,7 @@ def influence_scores(loss_fn: Callable, params, example_loss_fn: Callable, train
                                         progress=emit, fn=fn)
     if throw:
         check_solution(fn, adj.solution)
-    warn_failures(fn, adj.solution)
+    warn_failures(fn, adj.solution, note)
     if not return_info:
         return scores
     return Scores(scores, adj.solution, adj.damping)
@@ -557,9 +603,10 @@ def self_influence(loss_fn: Callable, params, example_loss_fn: Callable, example
     """
     fn = "self_influence"
     _checks.check_example_loss(fn, example_loss_fn, params, examples, "examples")
-    solver, spec = _checked(fn, loss_fn, params, args, mask=mask, method=method, solver=solver,
-                            curvature=curvature, damping=damping, chunk_size=chunk_size, axis_name=axis_name)
     n = _checks.leading_size(fn, "examples", examples)
+    solver, spec, note = _checked(fn, loss_fn, params, args, mask=mask, method=method, solver=solver,
+                                  curvature=curvature, damping=damping, chunk_size=chunk_size,
+                                  axis_name=axis_name, queries=n, block=min(n, example_chunk_size))
     emit, show = _progress.wanted(progress, fn, _progress.chunks(n, example_chunk_size), params, examples, args)
     with _bar(fn, n, example_chunk_size, show, solver, method, mask):
         out = _self_influence(params, examples, args, mask, solver, spec, loss_fn=loss_fn,
@@ -567,7 +614,7 @@ def self_influence(loss_fn: Callable, params, example_loss_fn: Callable, example
                               example_chunk_size=example_chunk_size, progress=emit, fn=fn)
     if throw:
         check_solution(fn, out.solution)
-    warn_failures(fn, out.solution)
+    warn_failures(fn, out.solution, note)
     return out if return_info else out.scores
 
 

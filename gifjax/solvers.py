@@ -67,6 +67,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 from typing import Any, Callable, NamedTuple
@@ -84,6 +85,7 @@ from .preconditioners import get_preconditioner
 __all__ = ["BlockCG", "CG", "DEFAULT_MAX_STEPS", "DEFAULT_RTOL", "Dense", "FAILURES", "FORMS", "Fallback",
            "HINTS", "LSMR", "LSTSQ", "LiSSA", "LinearOperator", "MINRES", "RICHARDSON_MODES", "Richardson", "SOLVERS",
            "STAGNATION_STEPS", "Solution", "Solver", "SolverState",
+           "AUTO", "AUTO_FLOP_BUDGET", "AUTO_MIN_STEPS", "auto", "auto_steps",
            "cg", "default_rtol", "dense", "get_solver", "lissa", "lstsq", "minres", "power_iteration",
            "richardson", "warn_failures"]
 
@@ -360,8 +362,12 @@ def _fetch(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def warn_failures(fn: str, sol: Solution) -> None:
-    """One ``RuntimeWarning`` naming how many solves failed, why, and what to do (outside ``jit`` only)."""
+def warn_failures(fn: str, sol: Solution, note: str = "") -> None:
+    """One ``RuntimeWarning`` naming how many solves failed, why, and what to do (outside ``jit`` only).
+
+    ``note``: a sentence of the caller's added to the warning (e.g. the
+    budget ``solver="auto"`` kept, see :func:`auto`).
+    """
     if not all(_checks.is_concrete(x) for x in (sol.converged, sol.failure)):
         return
     bad = ~_fetch(sol.converged).ravel()
@@ -372,8 +378,8 @@ def warn_failures(fn: str, sol: Solution) -> None:
     why = ", ".join(f"{name}: {int((codes == FAILURES.index(name)).sum())}" for name in names)
     fix = "; ".join(HINTS[name] for name in names if name in HINTS)
     warnings.warn(f"gifjax.{fn}: {int(bad.sum())} of {bad.size} solves did not converge ({why}); their "
-                  f"values are not to be trusted. Fix: {fix}. return_info=True gives per-query diagnostics, "
-                  "throw=True raises.", RuntimeWarning, stacklevel=3)
+                  f"values are not to be trusted. Fix: {fix}.{' Note: ' + note + '.' if note else ''} "
+                  "return_info=True gives per-query diagnostics, throw=True raises.", RuntimeWarning, stacklevel=3)
 
 
 # Krylov recurrences cannot resolve residuals below ~eps·‖rhs‖; iterating past that
@@ -1468,7 +1474,8 @@ def richardson(matvec, b, *, rmatvec=None, form="least_squares", **config) -> So
 
 SOLVERS = {"dense": Dense, "cg": CG, "block_cg": BlockCG, "minres": MINRES, "lsmr": LSMR, "lstsq": LSTSQ,
            "lissa": LiSSA, "richardson": Richardson}
-#: What ``solver="auto"`` means for each form: for the symmetric estimators MINRES
+#: What ``solver="auto"`` means for each form (before :data:`AUTO_FLOP_BUDGET` caps
+#: its steps, see :func:`auto`): for the symmetric estimators MINRES
 #: (indefinite-safe, 1 matvec per step) for fewer than 8 queries and, for a batch of
 #: 8 or more, block CG (one Krylov space for the batch, on through negative curvature)
 #: with MINRES for the queries it has not certified (300 block steps at most); LSTSQ
@@ -1477,13 +1484,72 @@ AUTO = {"symmetric": lambda: Fallback(BlockCG(negative_curvature="continue", max
                                       on=("indefinite", "max_steps", "precision", "nonfinite"), min_batch=8),
         "least_squares": LSTSQ, "min_norm": LSTSQ}
 
+#: Work budget of one call with ``solver="auto"``, in floating-point operations of its
+#: curvature products (XLA's cost estimate of one product × steps × queries), by
+#: backend: on 2 CPU cores 1e13 is about 4 minutes of Hessian-vector products. A call
+#: that would need more gets smaller step caps (:func:`auto`), never fewer than
+#: :data:`AUTO_MIN_STEPS`, and says so when a query then stops unconverged.
+AUTO_FLOP_BUDGET = {"cpu": 1e13, "gpu": 1e15, "tpu": 1e15}
+
+#: The fewest steps per query (each stage) that :data:`AUTO_FLOP_BUDGET` leaves ``"auto"``.
+AUTO_MIN_STEPS = 10
+
+
+def auto(form: str = "symmetric", *, steps: int | None = None) -> Solver:
+    r"""``solver="auto"``'s value for ``form``, every stage capped at ``steps`` steps in all.
+
+    ``AUTO[form]()`` (see :data:`AUTO`) with each step cap lowered to at most
+    ``steps`` (a :class:`Fallback`'s two stages to ``steps // 2`` each), but
+    never below :data:`AUTO_MIN_STEPS`; ``steps=None`` keeps the default caps.
+    The estimator functions call it with the steps that keep the call within
+    :data:`AUTO_FLOP_BUDGET`; pass ``solver=gifjax.solvers.auto()`` for the
+    uncapped default, or ``auto(steps=…)`` for a budget of your own.
+
+    Example:
+      >>> from gifjax import solvers
+      >>> s = solvers.auto(steps=100)
+      >>> s.first.max_steps, s.then.max_steps, solvers.auto("least_squares", steps=4).max_steps
+      (50, 50, 10)
+    """
+    solver = AUTO[form]()
+    if steps is None:
+        return solver
+
+    def capped(stage, share):
+        cap = min(_default_steps(stage.max_steps), max(int(share), AUTO_MIN_STEPS))
+        return dataclasses.replace(stage, max_steps=cap)
+
+    if isinstance(solver, Fallback):
+        return dataclasses.replace(solver, first=capped(solver.first, steps // 2),
+                                   then=capped(solver.then, steps // 2))
+    return capped(solver, steps)
+
+
+def auto_steps(flops_per_step: float | None, *, queries: int = 1, form: str = "symmetric",
+               backend: str | None = None) -> int | None:
+    """Steps per query that keep ``queries`` solves within :data:`AUTO_FLOP_BUDGET`, or None.
+
+    ``flops_per_step``: one curvature product on one query's vector (``None``,
+    unknown: no cap). A least-squares step takes two products. ``None`` is
+    returned too when the default caps fit the budget anyway.
+    """
+    if not flops_per_step or flops_per_step <= 0:
+        return None
+    budget = AUTO_FLOP_BUDGET.get(backend or jax.default_backend(), max(AUTO_FLOP_BUDGET.values()))
+    per_step = flops_per_step * max(queries, 1) * (1 if form == "symmetric" else 2)
+    steps = int(budget // per_step)
+    default = auto(form)
+    needed = (_default_steps(default.first.max_steps) + _default_steps(default.then.max_steps)
+              if isinstance(default, Fallback) else _default_steps(default.max_steps))
+    return None if steps >= needed else steps
+
 
 def get_solver(solver, *, form: str = "symmetric", fn: str = "solvers.get_solver") -> Solver:
     """A solver value from ``"auto"`` (by ``form``, see :data:`AUTO`), a name in :data:`SOLVERS`, or a value."""
     if isinstance(solver, Solver):
         return solver
     if isinstance(solver, str) and solver == "auto":
-        return AUTO[form]()
+        return auto(form)
     if isinstance(solver, str) and solver in SOLVERS:
         return SOLVERS[solver]()
     raise _checks.error(

@@ -305,3 +305,32 @@ def test_curvature_subsample_is_the_curvature_of_a_fixed_subset(x64):
     with pytest.raises(ValueError, match="subsample"):
         gifjax.influence(problem.loss, problem.params, g, problem.x, problem.y,
                          curvature=gifjax.Curvature(subsample=0))
+
+
+def test_auto_stays_within_its_work_budget_and_says_so(x64, monkeypatch):
+    """solver='auto' caps its steps so that a call's curvature products stay within AUTO_FLOP_BUDGET."""
+    # XLA's estimate of one product: X v and Xᵀ(X v), 4nd floating-point operations, to within 10 %
+    n, d = 200, 50
+    ridge = lambda w, X, y: 0.5 * jnp.mean((X @ w - y) ** 2)  # noqa: E731
+    X, y = jnp.ones((n, d)), jnp.ones(n)
+    for spec, rows in ((gifjax.Curvature(), n), (gifjax.Curvature(subsample=50), 50)):
+        flops = gifjax.estimators._product_flops(ridge, jnp.ones(d), (X, y), spec, 16)
+        assert 1.0 <= flops / (4 * rows * d) < 1.1, (spec, flops)
+
+    problem = make_problem("mlp", x64)
+    train, test = (problem.x[:9], problem.y[:9]), (problem.x[9:13], problem.y[9:13])  # 4 queries: MINRES
+    run = lambda solver: gifjax.influence_scores(  # noqa: E731
+        problem.loss, problem.params, problem.example_loss, train, test, problem.x, problem.y,
+        solver=solver, damping=1e-6, return_info=True)
+    full = run("auto")  # far within the budget: the default caps, converged
+    assert bool(jnp.all(full.solution.converged)) and int(full.solution.num_steps.max()) > 2 * solvers.AUTO_MIN_STEPS
+    per_product = gifjax.estimators._product_flops(problem.loss, problem.params, (problem.x, problem.y),
+                                                   gifjax.Curvature(), 4)
+    monkeypatch.setitem(solvers.AUTO_FLOP_BUDGET, jax.default_backend(), 4 * 25.5 * per_product)  # 25 steps
+    assert solvers.auto_steps(per_product, queries=4) == 25
+    with pytest.warns(RuntimeWarning, match=r"solver='auto' kept this call within its work budget.*"
+                                             r"4 queries.*allow 25 steps per query"):
+        capped = run("auto")  # MINRES (fewer than 8 queries) with half of it: 12 steps
+    assert int(capped.solution.num_steps.max()) == 12 and not bool(jnp.any(capped.solution.converged))
+    assert set(capped.solution.failure_names()) == {"max_steps"}
+    np.testing.assert_array_equal(run(solvers.auto()).scores, full.scores)
