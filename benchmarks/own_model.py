@@ -1,6 +1,6 @@
 """A user's own Flax nnx CNN with the documented defaults (issue 16): does the call finish, and say so?
 
-    python -m benchmarks.own_model [--smoke] [--results DIR] [--guard SECONDS]
+    python -m benchmarks.own_model [--smoke] [--configs KEY,...] [--results DIR] [--guard SECONDS]
 
 The issue's setting: an nnx CNN with 38,282 parameters (Conv 1→16 3×3 → relu →
 Conv 16→32 3×3 → relu → 2×2 average pool → Dense 512→64 → relu → Dense 64→10),
@@ -27,23 +27,17 @@ Measurements:
    each T a median after warm-up of ``adjoint_solves`` with
    ``MINRES(rtol=0, max_steps=k)``.
 3. **Default calls**, each ``influence_scores(loss_fn, params, example_loss_fn,
-   train, test, x, y, return_info=True, …)`` with only the keywords named in
-   the table, in a *child process* (the wall-clock guard). The child first runs
-   the call on the first 16 test points — exactly one chunk of the default
-   ``test_chunk_size=16``; the 64-point call runs the same program on 4 chunks
-   one after another. If the 16-point call finishes and the 64-point call is
-   predicted (compile + 4 × the rest) to fit in what is left of ``--guard``
-   seconds, the 64-point call runs too and its wall time is *measured*;
-   otherwise the 64-point time is *extrapolated* from the 16-point call. A
-   16-point call still running after the guard is killed: *timed out*; its
-   64-point time is then bounded by the guard below (> 4 × guard) and, if no
-   query in a chunk converges, by chunks × (DEFAULT_MAX_STEPS + 3) × the
-   per-step cost of section 2 above. Recorded per call: wall time, compile
-   time (JAX's trace / lower / compile events, intervals merged), converged
-   count, failure names, HVPs (Σ over queries of ``num_matvecs``, and the work
-   a vmapped chunk really does: Σ over chunks of max × chunk size), steps, and
-   each query's relative residual ‖r‖ / ‖right-hand side‖ (‖∇ℓ‖ for IF,
-   ‖P∇ℓ‖ for GIF's min-norm adjoint).
+   train, test, x, y, return_info=True, …)`` on the 64 test points with only
+   the keywords named in the table (``solver="auto"``, whose work budget
+   ``solvers.AUTO_FLOP_BUDGET`` bounds every one of them), in a *child
+   process* that is stopped ``--guard`` seconds (600 in full mode: "finishes
+   in minutes") after its call started: *measured*, or *timed out*. Recorded
+   per call: wall time, compile time (JAX's trace / lower / compile events,
+   intervals merged), converged count, failure names, the step caps the
+   budget left (from the warning), HVPs (Σ over queries of ``num_matvecs``,
+   and the work a vmapped chunk really does: Σ over chunks of max × chunk
+   size), steps, and each query's relative residual ‖r‖ / ‖right-hand side‖
+   (‖∇ℓ‖ for IF, ‖P∇ℓ‖ for GIF's min-norm adjoint).
 4. **References** on the first 8 test points: tight full-data solves at λ*
    (IF: MINRES, rtol 1e-6; GIF: LSTSQ, rtol 1e-7, the same mask) against
    which every λ* configuration's columns are compared (Spearman per column,
@@ -60,8 +54,9 @@ paths and JSON schema in about four minutes on 2 CPU cores. Results go to
 benchmarks/results/own_model.{json,md} (``--results DIR`` or
 GIFJAX_BENCH_RESULTS elsewhere); the JSON is rewritten after every section,
 so an interrupted run keeps what it measured. Not in ``benchmarks.run``'s
-plan: the full run takes about 40 minutes on 2 CPU cores, 16 of them in
-guards that expire.
+plan: the full run takes about an hour on 2 CPU cores, most of it in the
+four λ = 0 default calls that spend their whole budget; ``--configs
+if,gif5,if_sub256_star`` runs only the bare defaults and the README recipe.
 """
 
 from __future__ import annotations
@@ -71,6 +66,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import tempfile
@@ -172,7 +168,7 @@ class Mode:
 
 
 MODES = {
-    "full": Mode("full", None, 64, (16, 32, 64), 20, (512, 256), 240.0, 8, (100, 300), 1000, (2, 7), 3),
+    "full": Mode("full", None, 64, (16, 32, 64), 20, (512, 256), 600.0, 8, (100, 300), 1000, (2, 7), 3),
     "smoke": Mode("smoke", 160, 32, (4, 8, 16), 30, (64, 32), 25.0, 4, (10, 30), 300, (1, 11), 3,
                   configs=("if", "if_sub32_star", "if_star", "gif5_sub32_star")),
 }
@@ -335,6 +331,12 @@ def top_overlap(a, b, k: int = 10) -> float:
     return len(top(a) & top(b)) / k
 
 
+def budget_steps(result: dict | None) -> str:
+    """The steps per query named by a call's budget note (``solver="auto"``), or "—"."""
+    found = re.search(r"allow (\d+) steps per query", (result or {}).get("warning") or "")
+    return found.group(1) if found else "—"
+
+
 def solution_summary(sol, rhs_norms, chunk: int) -> dict:
     """Convergence, failures, steps, HVPs and relative residuals of a batched Solution."""
     from gifjax.solvers import FAILURES
@@ -356,7 +358,7 @@ def solution_summary(sol, rhs_norms, chunk: int) -> dict:
 
 
 def child_main(spec_path: str) -> int:
-    """Run one configuration's default call (16 points, then all if it fits); write JSON + scores."""
+    """Run one configuration's default call on all test points; write JSON + scores."""
     import gifjax
 
     t_start = time.perf_counter()
@@ -378,12 +380,11 @@ def child_main(spec_path: str) -> int:
         tmp.write_text(json.dumps(record, indent=1, default=float))
         os.replace(tmp, out_path)
 
-    sizes = [min(mode.chunk, mode.n_test)] + ([mode.n_test] if mode.n_test > mode.chunk else [])
     setup_s = time.perf_counter() - t_start
     record["setup_s"] = setup_s
     record["call_started"] = time.time()  # the parent's guard counts from here
     write()
-    for q in sizes:
+    for q in (mode.n_test,):
         print(f"[child {cfg.key}] influence_scores on {q} test points …", flush=True)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", RuntimeWarning)
@@ -399,15 +400,6 @@ def child_main(spec_path: str) -> int:
         write()
         print(f"[child {cfg.key}] {q} points: {wall:.1f} s (compile {comp:.1f} s), "
               f"converged {stage['converged']}/{q}", flush=True)
-        if q < mode.n_test:
-            chunks = -(-mode.n_test // mode.chunk)
-            predicted = comp + chunks * max(wall - comp, 0.0)
-            left = spec["guard"] - (time.time() - record["call_started"])
-            record["predicted_full_s"] = predicted
-            if predicted * 1.15 > left:
-                record["skipped_full"] = f"predicted {predicted:.0f} s > {left:.0f} s left of the guard"
-                write()
-                break
     record["done"] = True
     write()
     return 0
@@ -499,18 +491,6 @@ def section_hvp_cost(run: Run, prob: Problem):
         run.save()
 
 
-def _prediction_bounds(run: Run, cfg: Config, rec: dict):
-    """Upper bound of a 64-point call that never converges: chunks × (max_steps + 3) × step cost."""
-    from gifjax.solvers import DEFAULT_MAX_STEPS
-
-    cost = run.payload.get("hvp_cost", {}).get("all" if cfg.subsample is None else str(cfg.subsample))
-    if not cost:
-        return
-    chunks = -(-run.mode.n_test // run.mode.chunk)
-    per_step = cost["chunk_step_s"] * (2 if cfg.method == "gif" else 1)  # LSTSQ: two products per step
-    rec["max_steps_bound_s"] = chunks * (DEFAULT_MAX_STEPS + 3) * per_step
-
-
 SETUP_LIMIT_S = 300.0  # a child that has not started its call by then is stopped (an error, not a guard)
 
 
@@ -562,22 +542,16 @@ def section_calls(run: Run, prob: Problem, workdir: pathlib.Path):
         child = json.loads(pathlib.Path(spec["out"]).read_text()) if pathlib.Path(spec["out"]).exists() else {}
         rec["child_setup_s"] = child.get("setup_s")
         stages = child.get("stages", {})
-        first = stages.get(str(min(mode.chunk, mode.n_test)))
         full = stages.get(str(mode.n_test))
         rec["stages"] = stages
         bar = [line.strip() for line in tail.replace("\r", "\n").splitlines() if "converged" in line and "|" in line]
         if bar:
             rec["progress_bar"] = bar[-1]
-        _prediction_bounds(run, cfg, rec)
         if full is not None:
             rec.update(status="measured", wall_s=full["wall_s"], compile_s=full["compile_s"], result=full)
-        elif first is not None:
-            rec.update(status="extrapolated", wall_s=child.get("predicted_full_s", first["wall_s"]),
-                       compile_s=first["compile_s"], result=first,
-                       note=child.get("skipped_full", f"the {mode.n_test}-point call did not finish within the guard"))
         elif timed_out:
             rec.update(status="timed out", wall_s=None,
-                       note=f"the {min(mode.chunk, mode.n_test)}-point call ran past the {run.guard:.0f} s guard")
+                       note=f"the call ran past the {run.guard:.0f} s guard")
         else:
             rec.update(status="error", wall_s=None, returncode=rc, output_tail=tail[-2000:])
         calls[cfg.key] = rec
@@ -629,7 +603,7 @@ def section_references(run: Run, prob: Problem, workdir: pathlib.Path):
     run.log(f"IF reference at λ*: {wall:.1f} s, converged {out['star']['converged']}/{q}, "
             f"median steps {out['star']['steps_median']:.0f}")
     for key, rec in run.payload.get("calls", {}).items():
-        path = workdir / f"{key}_{min(mode.chunk, mode.n_test)}.npy"
+        path = workdir / f"{key}_{mode.n_test}.npy"
         if rec["method"] != "if" or rec["damping"] != prob.lam_star or not path.exists():
             continue
         A = np.load(path).astype(np.float64)[:, :q]
@@ -639,7 +613,7 @@ def section_references(run: Run, prob: Problem, workdir: pathlib.Path):
     # the same for GIF at λ*: a tight LSTSQ on all data with the same mask
     gif_keys = [key for key, rec in run.payload.get("calls", {}).items()
                 if rec["method"] == "gif" and rec["damping"] == prob.lam_star
-                and (workdir / f"{key}_{min(mode.chunk, mode.n_test)}.npy").exists()]
+                and (workdir / f"{key}_{mode.n_test}.npy").exists()]
     if gif_keys:
         wall, comp, ref = _probe(prob, q, "gif", solvers.LSTSQ(rtol=1e-7, max_steps=mode.ref_steps), None,
                                  prob.lam_star, mask=prob.mask)
@@ -651,7 +625,7 @@ def section_references(run: Run, prob: Problem, workdir: pathlib.Path):
                 f"median steps {out['gif_star']['steps_median']:.0f}")
         for key in gif_keys:
             rec = run.payload["calls"][key]
-            A = np.load(workdir / f"{key}_{min(mode.chunk, mode.n_test)}.npy").astype(np.float64)[:, :q]
+            A = np.load(workdir / f"{key}_{mode.n_test}.npy").astype(np.float64)[:, :q]
             rec["vs_reference"] = _compare(A, G)
             run.log(f"  {key} vs GIF reference: Spearman min {min(rec['vs_reference']['spearman']):.4f}")
         run.save()
@@ -707,28 +681,25 @@ def markdown(p: dict) -> str:
     calls = p.get("calls")
     if calls:
         n = m["n_test"] if m else "?"
-        rows, chunks = [], -(-m["n_test"] // p.get("chunk", 16)) if m else 4
+        rows = []
         for key, r in calls.items():
             res = r.get("result") or {}
             vs = r.get("vs_reference")
-            wall = _fmt(r["wall_s"], ".1f") if r.get("wall_s") is not None else f"> {chunks * p['guard_s']:.0f}"
+            wall = _fmt(r["wall_s"], ".1f") if r.get("wall_s") is not None else f"> {p['guard_s']:.0f}"
             fails = ", ".join(f"{k}: {v}" for k, v in (res.get("failures") or {}).items()) or ("none" if res else "—")
             rows.append([r["label"], f"`{r['keywords']}`", r["status"], wall,
                          _fmt(r.get("compile_s"), ".1f"),
                          f"{res['converged']}/{res['n']}" if res else "—", fails,
                          res.get("hvps_sum", "—"), res.get("steps_max", "—"),
                          _fmt(res.get("rel_residual_median")) if res else "—",
-                         _fmt(min(vs["spearman"]), ".4f") if vs else "—",
-                         _fmt(r.get("max_steps_bound_s"), ".0f")])
+                         _fmt(min(vs["spearman"]), ".4f") if vs else "—", budget_steps(res)])
         lines += [f"### influence_scores on {n} test points (child process, guard {p['guard_s']:.0f} s)", "",
                   table(["configuration", "keywords", "how", f"wall s ({n} pts)", "compile s", "converged",
                          "failures", "HVPs Σ", "max steps", "median rel. res.", "Spearman vs ref (min)",
-                         "bound s (max_steps)"], rows), "",
-                  "*how*: measured = the full call ran; extrapolated = compile + chunks × (16-point run − "
-                  "compile), converged / failures / HVPs of the 16-point call; timed out = the 16-point call "
-                  f"(one chunk) did not finish within the guard, so the full call takes > {chunks} × guard. "
-                  "*bound*: chunks × (DEFAULT_MAX_STEPS + 3) × one solver step (two products per LSTSQ "
-                  "step), the time of a call in which no chunk converges.", ""]
+                         "budget (steps/query)"], rows), "",
+                  "*how*: measured = the call ran to its end; timed out = it did not finish within the guard. "
+                  "*budget*: the steps per query that solvers.AUTO_FLOP_BUDGET left the call (from its warning; "
+                  "— where the default caps fit and no warning named the budget).", ""]
     refs = p.get("references")
     if refs and "star" in refs:
         lines += [f"### References ({refs['queries']} test points)", ""]
@@ -771,6 +742,7 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", "--quick", action="store_true", dest="smoke", help="tiny sizes (~2 min)")
     parser.add_argument("--results", help="results folder (default benchmarks/results or $GIFJAX_BENCH_RESULTS)")
     parser.add_argument("--guard", type=float, default=None, help="seconds per guarded default call")
+    parser.add_argument("--configs", help="comma-separated configuration keys to run (default: the mode's)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -780,6 +752,8 @@ def main(argv=None) -> int:
     if args.results:
         common.RESULTS = pathlib.Path(args.results)
     mode = MODES["smoke" if args.smoke else "full"]
+    if args.configs:
+        mode = dataclasses.replace(mode, configs=tuple(args.configs.split(",")))
     run = Run(mode, args.guard if args.guard is not None else mode.guard)
     run.log(f"own_model ({mode.name}), results → {common.RESULTS}")
     prob = Problem(mode)

@@ -218,14 +218,13 @@ def test_own_model_smoke_writes_the_full_schema(tmp_path):
     calls = data["calls"]
     assert set(calls) == {"if", "if_sub32_star", "if_star", "gif5_sub32_star"}
     for key, r in calls.items():
-        assert r["status"] in {"measured", "extrapolated", "timed out"}, (key, r)
-        assert positive(r["max_steps_bound_s"])
+        assert r["status"] in {"measured", "timed out"}, (key, r)
         if r["status"] == "timed out":
             assert r["wall_s"] is None and not r.get("result")
             continue
         res = r["result"]
         assert positive(r["wall_s"]) and 0 <= r["compile_s"] <= r["wall_s"] * 1.01
-        assert 0 <= res["converged"] <= res["n"] and res["n"] in (16, 32) and res["hvps_sum"] > 0
+        assert 0 <= res["converged"] <= res["n"] and res["n"] == 32 and res["hvps_sum"] > 0
         assert set(res["failures"]) <= set(FAILURES) and sum(res["failures"].values()) == res["n"] - res["converged"]
         assert res["hvps_vmapped"] >= res["hvps_sum"] and res["rel_residual_median"] <= res["rel_residual_max"]
     for key in ("if_sub32_star", "if_star", "gif5_sub32_star"):  # damped above |λ_min|: every query converges
@@ -280,3 +279,50 @@ def test_paired_ci_constant_symmetric_deterministic_and_verdict():
     rb = [{"seed": 0, "removed_class": 0, "f1": 0.6}, {"seed": 1, "removed_class": 0, "f1": 0.4}]
     assert paired_f1(ra, rb) == ([0.7, 0.5], [0.6, 0.4])
     assert paired_f1([{"seed": 2, "f1": 1.0}], [{"seed": 2, "f1": 0.0}], 0) == ([1.0], [0.0])
+
+
+def test_tasks_mnist_grids_and_report_from_a_synthetic_payload():
+    """benchmarks.tasks_mnist: the grids cover the issue's cells; the report pairs runs by unit (no training)."""
+    from benchmarks.tasks_mnist import CONTROLS, GRIDS, RULES, render
+
+    cells = lambda grid: {(r, rule, c) for r, rule, c, _ in grid}
+    assert cells(GRIDS["full"]) == {(r, rule, c) for r in (0.02, 0.05, 0.1, 0.3) for rule in RULES
+                                    for c in CONTROLS}
+    assert all(ms == ("pif", "fif", "gif") for *_, ms in GRIDS["full"])
+    for name in ("core5", "lean", "budget"):   # 5 %: every rule × control, GIF everywhere
+        five = [e for e in GRIDS[name] if e[0] == 0.05]
+        assert cells(five) == {(0.05, rule, c) for rule in RULES for c in CONTROLS}
+        assert all("gif" in ms for *_, ms in five)
+        assert all("fif" in ms for r, _, c, ms in five if c == "rule")
+
+    def run(setting, method, seed, cls, f1, agreement):
+        return {"setting": setting, "method": method, "seed": seed, "removed_class": cls, "f1": f1,
+                "agreement": agreement, "self_acc": 1 - f1, "test_acc": f1, "time_s": 1.0,
+                "target_row": method == "if"}
+
+    units = []
+    for cls, seed in ((0, 0), (1, 0), (0, 1)):
+        runs = [run("all", "if", seed, cls, 0.5, 0.6)]
+        for rule, f1 in (("outputs", 0.9), ("random", 0.7)):
+            runs += [run(f"0.05/{rule}/rule", "fif", seed, cls, f1 - 0.1, 0.5),
+                     run(f"0.05/{rule}/rule", "gif", seed, cls, f1, 0.8)]
+        base = {"original": {"self_acc": 1.0, "test_acc": 0.9, "f1": 0.0, "agreement": 0.9},
+                "retrained": {"self_acc": 0.0, "test_acc": 0.9, "f1": 0.95, "time_s": 2.0}}
+        units.append({"scale": "mnist", "seed": seed, "removed_class": cls, "baseline": base,
+                      "runs": runs})
+    config = {"max_steps": 10, "hessian_size": 64, "damping": 1e-3, "num_steps": 24,
+              "min_step": 0.01, "max_step": 100.0}
+    payload = {"command": "python -m benchmarks.tasks_mnist", "status": "complete", "seconds": 60.0,
+               "backend": "cpu", "removal": units, "backdoor": [],
+               "scales": {"mnist": {"dataset": "mnist5k", "model": "tinynet", "num_params": 398090,
+                                    "training": {}, "config": config, "grid": "budget",
+                                    "grid_entries": [[0.05, "outputs", "rule", ["fif", "gif"]]]}}}
+    md = render(payload)
+    assert "## Class removal, mnist (3 units; unit = (removed class, seed))" in md
+    assert "398,090 parameters" in md and "(no unit measured)" in md   # the empty backdoor section
+    # GIF − IF = 0.4, GIF − FIF = 0.1 in every unit (F1); GIF − IF = 0.2 in agreement
+    assert "| 0.05/outputs/rule | +0.400 [+0.400, +0.400] (n=3) yes | +0.100 [+0.100, +0.100] (n=3) yes | — |" in md
+    assert "| 0.05/outputs/rule | +0.200 [+0.200, +0.200] (n=3) yes | +0.300 [+0.300, +0.300] (n=3) yes | — |" in md
+    # highest − random for GIF: 0.2 in F1; nothing for the random rule itself
+    assert "| 0.05/outputs/rule | GIF | +0.200 [+0.200, +0.200] (n=3) yes |" in md
+    assert "| 0.05/random/rule | GIF |" not in md
