@@ -1488,7 +1488,10 @@ AUTO = {"symmetric": lambda: Fallback(BlockCG(negative_curvature="continue", max
 #: curvature products (XLA's cost estimate of one product × steps × queries), by
 #: backend: on 2 CPU cores 1e13 is about 4 minutes of Hessian-vector products. A call
 #: that would need more gets smaller step caps (:func:`auto`), never fewer than
-#: :data:`AUTO_MIN_STEPS`, and says so when a query then stops unconverged.
+#: :data:`AUTO_MIN_STEPS`, and says so when a query then stops unconverged. The
+#: estimator functions apply it (``influence``, ``adjoint_solve(s)``,
+#: ``influence_scores``, ``self_influence``); ``setup`` and :mod:`gifjax.parallel`'s
+#: sharded sweeps keep the default caps.
 AUTO_FLOP_BUDGET = {"cpu": 1e13, "gpu": 1e15, "tpu": 1e15}
 
 #: The fewest steps per query (each stage) that :data:`AUTO_FLOP_BUDGET` leaves ``"auto"``.
