@@ -986,7 +986,8 @@ def _block_cg(A, Minv, B, tol, max_steps, stop_indefinite):
     def body(st):
         k, x, r, p, keep, active, steps, fail, (seen, best, k_best) = st
         ap = A(p)
-        G = 0.5 * (mm(p, ap.T) + mm(ap, p.T)) + jnp.diag(jnp.where(keep, 0.0, 1.0).astype(dt))
+        G = mm(p, ap.T)  # symmetrised: one product of the block with the step's HVPs, not two
+        G = 0.5 * (G + G.T) + jnp.diag(jnp.where(keep, 0.0, 1.0).astype(dt))
         w, V = jnp.linalg.eigh(G)
         if stop_indefinite:
             pd = jnp.all(w > 0)
