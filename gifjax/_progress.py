@@ -13,8 +13,9 @@ The rule every long call follows (``progress=`` keyword):
 
 * ``None`` (default): a bar when the call runs outside any transformation
   (not under the caller's ``jit`` / ``vmap`` / ``grad`` / ``shard_map``), has
-  more than one chunk, and the environment variable ``GIFJAX_PROGRESS`` is
-  not ``0``; otherwise nothing is emitted at all.
+  more than one chunk or more than :data:`MANY_QUERIES` queries, and the
+  environment variable ``GIFJAX_PROGRESS`` is not ``0``; otherwise nothing is
+  emitted at all.
 * ``False``: nothing.
 * ``True``: the program always reports (e.g. inside ``shard_map`` for the
   bar :mod:`gifjax.parallel` opens around it); a bar opens only outside
@@ -45,21 +46,27 @@ def env_on() -> bool:
     return os.environ.get("GIFJAX_PROGRESS", "1").strip().lower() not in ("0", "false", "off")
 
 
-def wanted(progress, fn: str, total: int, *trees) -> tuple[bool, bool]:
+#: A call of more queries than this shows a bar even in one chunk (a block solver's big chunk).
+MANY_QUERIES = 16
+
+
+def wanted(progress, fn: str, total: int, *trees, queries: int = 0) -> tuple[bool, bool]:
     """``(emit, show)`` for a call of ``total`` chunks: does the program report, does a bar open here.
 
-    With the default ``None`` a call that shows no bar compiles no callback
-    (the same program as ``progress=False``).
+    A bar is for a call of several chunks or of more than :data:`MANY_QUERIES`
+    queries. With the default ``None`` a call that shows no bar compiles no
+    callback (the same program as ``progress=False``).
     """
     if progress is not None and not isinstance(progress, bool):
         raise _checks.error(fn, "progress", repr(progress), "None, True or False",
                             "pass progress=False to silence the bar (or set GIFJAX_PROGRESS=0).",
                             kind=TypeError)
     outside = not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree_util.tree_leaves(trees))
+    long = total > 1 or queries > MANY_QUERIES
     if progress is None:
-        on = outside and total > 1 and env_on()
+        on = outside and long and env_on()
         return on, on
-    return progress, progress and outside and total > 1
+    return progress, progress and outside and long
 
 
 #: A call whose projected worst case exceeds this many seconds says so once, with the way to bound it.
@@ -82,7 +89,7 @@ def bar(desc: str, total: int, show: bool, unit: str = "chunk", replicas: int = 
     the products' count and rate, and a call whose worst case, at the measured
     rate, exceeds :data:`PROJECTION_NOTICE_S` prints one notice saying so.
     """
-    if not show or total <= 1:
+    if not show:  # wanted() decided: several chunks, or one chunk of many queries
         yield
         return
     from tqdm.auto import tqdm

@@ -79,8 +79,9 @@ from ._chunks import map_in_chunks
 from .operators import METHODS, Estimator, Problem, curvature_spec
 from .solvers import FAILURES, Solution, Solver, SolverState, check_solution, get_solver, warn_failures
 
-__all__ = ["Adjoints", "Influence", "METHODS", "Scores", "Setup", "adjoint_solve", "adjoint_solves",
-           "influence", "influence_scores", "removal_gradient", "self_influence", "setup"]
+__all__ = ["Adjoints", "BLOCK_BYTES", "Influence", "MAX_BLOCK", "METHODS", "QUERY_CHUNK", "Scores", "Setup",
+           "adjoint_solve", "adjoint_solves", "influence", "influence_scores", "query_chunk_size",
+           "removal_gradient", "self_influence", "setup"]
 
 tree_map = jax.tree_util.tree_map
 
@@ -175,19 +176,20 @@ def _configure(fn, params, mask, method, solver, curvature, damping, chunk_size,
 
 
 def _checked(fn, loss_fn, params, args, *, mask, method, solver, curvature, damping, chunk_size, axis_name,
-             queries: int = 1, block: int = 1):
-    """Every check of :func:`setup`, run now in Python: ``(solver value, curvature spec, budget note)``.
+             queries: int = 1, block: int | None = 1):
+    """Every check of :func:`setup`, run now in Python: ``(solver value, curvature spec, budget note, block)``.
 
     Inside the compiled program (:func:`_compiled`) values are traced, so the
     checks that read them (an empty mask, a negative damping, a summed loss
     with ``chunk_size``, low-rank factors built for another damping) happen
     here first, with the concrete values. ``solver="auto"`` is resolved for a
-    call of ``queries`` solves, vmapped ``block`` at a time, within
-    :data:`gifjax.solvers.AUTO_FLOP_BUDGET`; the note (``""`` when the
+    call of ``queries`` solves, ``block`` at a time (``None``: :func:`query_chunk_size`),
+    within :data:`gifjax.solvers.AUTO_FLOP_BUDGET`; the note (``""`` when the
     default caps fit) says what that cost the call, for its failure warning.
     """
     estimator, value, spec = _configure(fn, params, mask, method, solver, curvature, damping, chunk_size,
                                         axis_name)
+    block = query_chunk_size(queries, params, value) if block is None else block
     note = ""
     if isinstance(solver, str) and solver == "auto":
         flops = _product_flops(loss_fn, params, args, spec, block)
@@ -201,7 +203,43 @@ def _checked(fn, loss_fn, params, args, *, mask, method, solver, curvature, damp
     value.configure(spec, estimator, fn)
     if spec.chunk_size is not None and spec.ggn is None:
         _curv.check_mean_loss(loss_fn, params, args, spec.chunk_size)
-    return value, spec, note
+    return value, spec, note, block
+
+
+#: Queries per chunk (``test_chunk_size=None``) for solvers that solve each query on its own.
+QUERY_CHUNK = 16
+#: A block solver's chunk (``test_chunk_size=None``): as many queries as keep one block
+#: (chunk × dim θ values) within this many bytes, between QUERY_CHUNK and MAX_BLOCK.
+BLOCK_BYTES = 32 * 2**20
+MAX_BLOCK = 128
+
+
+def query_chunk_size(n: int, params, solver) -> int:
+    """The ``test_chunk_size`` / ``example_chunk_size`` that ``None`` means for ``n`` queries.
+
+    A block solver (``BlockCG``, or the default's ``Fallback`` to it) shares
+    one Krylov space per chunk, so a bigger chunk converges in fewer steps
+    (the peer benchmark's 100 queries: one block 6.3 s, chunks of 16 28 s):
+    it gets as many queries as keep one block within :data:`BLOCK_BYTES`
+    (between :data:`QUERY_CHUNK` and :data:`MAX_BLOCK`), split evenly over
+    the chunks and rounded up to a multiple of 8 (one compile serves 8 sizes
+    of n; the padding queries are zero and leave the block at once). Any
+    other solver vmaps single solves: :data:`QUERY_CHUNK`.
+
+    Example:
+      >>> import jax.numpy as jnp, gifjax
+      >>> p = jnp.zeros(4810)                       # 4,810 float32 parameters: ≥ 128 fit 32 MiB
+      >>> size = lambda n, solver: gifjax.estimators.query_chunk_size(n, p, solver)
+      >>> size(100, gifjax.solvers.auto()), size(300, gifjax.solvers.auto()), size(100, gifjax.solvers.MINRES())
+      (104, 104, 16)
+    """
+    first = solver.first if isinstance(solver, _solvers.Fallback) and n >= solver.min_batch else solver
+    if not isinstance(first, _solvers.BlockCG):
+        return QUERY_CHUNK
+    size = sum(np.size(a) * jnp.result_type(a).itemsize for a in jax.tree_util.tree_leaves(params))
+    cap = int(min(MAX_BLOCK, max(QUERY_CHUNK, BLOCK_BYTES // max(size, 1))))
+    per_chunk = -(-n // -(-n // cap))
+    return min(cap, -(-per_chunk // 8) * 8)
 
 
 def _product_flops(loss_fn, params, args, spec, block: int) -> float | None:
@@ -355,9 +393,9 @@ def influence(loss_fn: Callable, params, g, *args, mask=None, method: str = "gif
     """
     fn = "influence"
     _checks.check_like(fn, "g", g, params)
-    solver, spec, note = _checked(fn, loss_fn, params, args, mask=mask, method=method, solver=solver,
-                                  curvature=curvature, damping=damping, chunk_size=chunk_size,
-                                  axis_name=axis_name)
+    solver, spec, note, _ = _checked(fn, loss_fn, params, args, mask=mask, method=method, solver=solver,
+                                     curvature=curvature, damping=damping, chunk_size=chunk_size,
+                                     axis_name=axis_name)
     out = _influence(params, g, args, mask, solver, spec, loss_fn=loss_fn, method=method, fn=fn)
     if throw:
         check_solution(fn, out.solution)
@@ -384,9 +422,9 @@ def adjoint_solve(loss_fn: Callable, params, test_grad, *args, mask=None, method
     """
     fn = "adjoint_solve"
     _checks.check_like(fn, "test_grad", test_grad, params)
-    solver, spec, note = _checked(fn, loss_fn, params, args, mask=mask, method=method, solver=solver,
-                                  curvature=curvature, damping=damping, chunk_size=chunk_size,
-                                  axis_name=axis_name)
+    solver, spec, note, _ = _checked(fn, loss_fn, params, args, mask=mask, method=method, solver=solver,
+                                     curvature=curvature, damping=damping, chunk_size=chunk_size,
+                                     axis_name=axis_name)
     sol = _adjoint_solve(params, test_grad, args, mask, solver, spec, loss_fn=loss_fn, method=method, fn=fn)
     if throw:
         check_solution(fn, sol)
@@ -411,7 +449,7 @@ class Adjoints(NamedTuple):
 def adjoint_solves(loss_fn: Callable, params, example_loss_fn: Callable, test_examples, *args,
                    mask=None, method: str = "if", solver="auto", damping=0.0,
                    chunk_size: int | None = None, curvature="hessian", axis_name: str | None = None,
-                   test_chunk_size: int = 16, progress: bool | None = None,
+                   test_chunk_size: int | None = None, progress: bool | None = None,
                    fn: str = "adjoint_solves") -> Adjoints:
     """The adjoint vectors s_j = Δᵀ∇ℓ(test_j) of many test examples: one shared set-up.
 
@@ -421,10 +459,11 @@ def adjoint_solves(loss_fn: Callable, params, example_loss_fn: Callable, test_ex
     """
     _checks.check_example_loss(fn, example_loss_fn, params, test_examples, "test_examples")
     n = _checks.leading_size(fn, "test_examples", test_examples)
-    solver, spec, _ = _checked(fn, loss_fn, params, args, mask=mask, method=method, solver=solver,
-                               curvature=curvature, damping=damping, chunk_size=chunk_size, axis_name=axis_name,
-                               queries=n, block=min(n, test_chunk_size))
-    emit, show = _progress.wanted(progress, fn, _progress.chunks(n, test_chunk_size), params, test_examples, args)
+    solver, spec, _, test_chunk_size = _checked(
+        fn, loss_fn, params, args, mask=mask, method=method, solver=solver, curvature=curvature, damping=damping,
+        chunk_size=chunk_size, axis_name=axis_name, queries=n, block=test_chunk_size)
+    emit, show = _progress.wanted(progress, fn, _progress.chunks(n, test_chunk_size), params, test_examples, args,
+                                  queries=n)
     with _bar(fn, n, test_chunk_size, show, solver, method, mask):
         return _adjoint_solves(params, test_examples, args, mask, solver, spec, loss_fn=loss_fn,
                                example_loss_fn=example_loss_fn, method=method, test_chunk_size=test_chunk_size,
@@ -493,7 +532,7 @@ class Scores(NamedTuple):
 
 def influence_scores(loss_fn: Callable, params, example_loss_fn: Callable, train_examples,
                      test_examples, *args, mask=None, method: str = "if", solver="auto",
-                     damping=0.0, chunk_size: int | None = None, test_chunk_size: int = 16,
+                     damping=0.0, chunk_size: int | None = None, test_chunk_size: int | None = None,
                      train_chunk_size: int = 256, return_info: bool = False,
                      curvature="hessian", axis_name: str | None = None, throw: bool = False,
                      progress: bool | None = None):
@@ -504,12 +543,15 @@ def influence_scores(loss_fn: Callable, params, example_loss_fn: Callable, train
     Δ the chosen estimator's parameter-change map (see module docstring).
     Removing training point i of n changes test loss j by ≈ −I[i, j] / n.
 
-    Work: one (vmapped) solve per *test* point, in chunks of
-    ``test_chunk_size`` under ``lax.map`` (:func:`adjoint_solves`); training
+    Work: one solve per *test* point, in chunks of ``test_chunk_size``
+    under ``lax.map`` (:func:`adjoint_solves`): vmapped single solves, or
+    one block solve per chunk (the default for 8 or more queries); training
     gradients are computed chunk by chunk (``train_chunk_size``) and
     contracted with the stacked solutions, never solved for. Both chunk
-    sizes are static; the last chunk is padded and trimmed, so one compile
-    serves any n. ``loss_fn`` defines H; an :class:`gifjax.AutoDamping` is
+    sizes are static; the last chunk is padded and trimmed.
+    ``test_chunk_size=None`` (default) is :func:`query_chunk_size`: 16, or
+    for a block solver as many queries as keep one block within 32 MiB (at
+    most 128, a multiple of 8: one compile serves 8 sizes of n). ``loss_fn`` defines H; an :class:`gifjax.AutoDamping` is
     resolved once for all test points.
 
     With ``solver=gifjax.lowrank.LowRank(factors)`` the solves are two
@@ -530,7 +572,8 @@ def influence_scores(loss_fn: Callable, params, example_loss_fn: Callable, train
         does the sharding for you.
       progress: a tqdm bar on stderr over the test chunks, with the number
         of converged queries so far. ``None`` (default): shown outside
-        ``jit`` / ``vmap`` / ``grad`` when there is more than one chunk,
+        ``jit`` / ``vmap`` / ``grad`` when there is more than one chunk or
+        more than 16 queries,
         unless the environment variable ``GIFJAX_PROGRESS=0``; ``False``:
         never. The program reports each finished chunk through
         ``jax.debug.callback`` (only when a bar is wanted).
@@ -555,11 +598,11 @@ def influence_scores(loss_fn: Callable, params, example_loss_fn: Callable, train
     _checks.check_example_loss(fn, example_loss_fn, params, train_examples, "train_examples")
     _checks.check_example_loss(fn, example_loss_fn, params, test_examples, "test_examples")
     n = _checks.leading_size(fn, "test_examples", test_examples)
-    solver, spec, note = _checked(fn, loss_fn, params, args, mask=mask, method=method, solver=solver,
-                                  curvature=curvature, damping=damping, chunk_size=chunk_size,
-                                  axis_name=axis_name, queries=n, block=min(n, test_chunk_size))
+    solver, spec, note, test_chunk_size = _checked(
+        fn, loss_fn, params, args, mask=mask, method=method, solver=solver, curvature=curvature, damping=damping,
+        chunk_size=chunk_size, axis_name=axis_name, queries=n, block=test_chunk_size)
     emit, show = _progress.wanted(progress, fn, _progress.chunks(n, test_chunk_size), params, train_examples,
-                                  test_examples, args)
+                                  test_examples, args, queries=n)
     with _bar(fn, n, test_chunk_size, show, solver, method, mask):
         scores, adj = _influence_scores(params, train_examples, test_examples, args, mask, solver, spec,
                                         loss_fn=loss_fn, example_loss_fn=example_loss_fn, method=method,
@@ -587,7 +630,7 @@ def _influence_scores(params, train_examples, test_examples, args, mask, solver,
 
 def self_influence(loss_fn: Callable, params, example_loss_fn: Callable, examples, *args,
                    mask=None, method: str = "if", solver="auto", damping=0.0,
-                   chunk_size: int | None = None, example_chunk_size: int = 16,
+                   chunk_size: int | None = None, example_chunk_size: int | None = None,
                    curvature="hessian", axis_name: str | None = None, throw: bool = False,
                    return_info: bool = False, progress: bool | None = None):
     """Self-influence I[i, i] = −∇ℓ(z_i)ᵀ Δ(∇ℓ(z_i)) for each example, shape [n].
@@ -604,10 +647,11 @@ def self_influence(loss_fn: Callable, params, example_loss_fn: Callable, example
     fn = "self_influence"
     _checks.check_example_loss(fn, example_loss_fn, params, examples, "examples")
     n = _checks.leading_size(fn, "examples", examples)
-    solver, spec, note = _checked(fn, loss_fn, params, args, mask=mask, method=method, solver=solver,
-                                  curvature=curvature, damping=damping, chunk_size=chunk_size,
-                                  axis_name=axis_name, queries=n, block=min(n, example_chunk_size))
-    emit, show = _progress.wanted(progress, fn, _progress.chunks(n, example_chunk_size), params, examples, args)
+    solver, spec, note, example_chunk_size = _checked(
+        fn, loss_fn, params, args, mask=mask, method=method, solver=solver, curvature=curvature, damping=damping,
+        chunk_size=chunk_size, axis_name=axis_name, queries=n, block=example_chunk_size)
+    emit, show = _progress.wanted(progress, fn, _progress.chunks(n, example_chunk_size), params, examples, args,
+                                  queries=n)
     with _bar(fn, n, example_chunk_size, show, solver, method, mask):
         out = _self_influence(params, examples, args, mask, solver, spec, loss_fn=loss_fn,
                               example_loss_fn=example_loss_fn, method=method,

@@ -325,7 +325,7 @@ def test_auto_stays_within_its_work_budget_and_says_so(x64, monkeypatch):
     full = run("auto")  # far within the budget: the default caps, converged
     assert bool(jnp.all(full.solution.converged)) and int(full.solution.num_steps.max()) > 2 * solvers.AUTO_MIN_STEPS
     per_product = gifjax.estimators._product_flops(problem.loss, problem.params, (problem.x, problem.y),
-                                                   gifjax.Curvature(), 4)
+                                                   gifjax.Curvature(), 16)  # the call's chunk
     monkeypatch.setitem(solvers.AUTO_FLOP_BUDGET, jax.default_backend(), 4 * 25.5 * per_product)  # 25 steps
     assert solvers.auto_steps(per_product, queries=4) == 25
     with pytest.warns(RuntimeWarning, match=r"solver='auto' kept this call within its work budget.*"

@@ -37,6 +37,17 @@ def test_bar_counts_chunks_and_converged_queries_without_padding(capsys):
     assert "converged 40/40" in capsys.readouterr().err
 
 
+def test_block_default_puts_many_queries_in_one_chunk_and_still_shows_a_bar(capsys):
+    """test_chunk_size=None: the default block solver takes all 20 queries in one chunk (of 24), with a bar."""
+    assert gifjax.estimators.query_chunk_size(20, jnp.ones(3), gifjax.solvers.auto()) == 24
+    assert gifjax.estimators.query_chunk_size(20, jnp.ones(3), gifjax.solvers.MINRES()) == 16
+    one = gifjax.influence_scores(loss, jnp.ones(3), example_loss, (X, Y), (X[:20], Y[:20]), X, Y)
+    err = capsys.readouterr().err
+    assert "1/1" in err and "converged 20/20" in err
+    chunked = np.asarray(scores(progress=False))  # converged float32 solves: the same scores to rounding
+    assert np.linalg.norm(np.asarray(one) - chunked) <= 1e-4 * np.linalg.norm(chunked)
+
+
 def test_silent_under_jit_with_one_chunk_and_with_the_environment_switch(capsys, monkeypatch):
     jax.jit(lambda w: gifjax.influence_scores(loss, w, example_loss, (X, Y), (X[:20], Y[:20]), X, Y,
                                               test_chunk_size=8))(jnp.ones(3))
