@@ -108,10 +108,10 @@ def _unit(run: dict, default_class) -> tuple:
     return (run.get("removed_class", default_class), run["seed"])
 
 
-def paired_f1(runs_a, runs_b, default_class=None) -> tuple[list, list]:
-    """F1 of two estimators on the units both have, in unit order."""
-    fa = {_unit(r, default_class): r["f1"] for r in runs_a}
-    fb = {_unit(r, default_class): r["f1"] for r in runs_b}
+def paired_f1(runs_a, runs_b, default_class=None, metric: str = "f1") -> tuple[list, list]:
+    """F1 (or another ``metric`` of the run dicts) of two estimators on the units both have, in unit order."""
+    fa = {_unit(r, default_class): r[metric] for r in runs_a}
+    fb = {_unit(r, default_class): r[metric] for r in runs_b}
     units = sorted(set(fa) & set(fb))
     return [fa[u] for u in units], [fb[u] for u in units]
 

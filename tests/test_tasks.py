@@ -184,6 +184,25 @@ def test_shared_mask_and_selection_rules(trained, digits):
     assert class_removal.removal_mask(model, v, digits, C, dataclasses.replace(cfg, method="if"))[0] is None
 
 
+def test_agreement_with_a_reference_model(trained, digits):
+    """With the true labels as the "reference model", agreement is the accuracy at the chosen step."""
+    model, v = trained
+    out = class_removal.remove_class(model, v, digits, C, QUICK, weight_decay=WD)
+    assert out.agreement is None
+    ref = class_removal.remove_class(model, v, digits, C, QUICK, weight_decay=WD, reference=digits.test.y)
+    assert ref.step == out.step and ref.metrics == out.metrics     # the reference never picks the step
+    assert ref.agreement == pytest.approx(out.metrics.test_acc)    # the other classes only
+    preds = np.array([[1, 2, 3], [1, 0, 1]])
+    np.testing.assert_allclose(class_removal.agreement(preds, np.array([1, 2, 0])), [2 / 3, 1 / 3])
+    assert class_removal.agreement(preds[0], np.array([1, 2, 0]), np.array([True, False, True])) == 0.5
+    poisoned = poison(digits, seed=0)
+    truth = (digits.test.y, poisoned.test_triggered.y)
+    bd = backdoor.correct_backdoor(model, v, digits, poisoned, QUICK, weight_decay=WD, reference=truth)
+    n_clean, n_trig = len(truth[0]), len(truth[1])
+    assert bd.agreement == pytest.approx((bd.metrics.clean_acc * n_clean + bd.metrics.relabel_acc * n_trig)
+                                         / (n_clean + n_trig))
+
+
 def test_paper_protocol_hessian_drops_the_removed_class(digits):
     """The official code estimates H on test images of the remaining classes only."""
     hx, hy = class_removal.hessian_data(digits, C, dataclasses.replace(QUICK, protocol="paper", hessian_size=None))

@@ -256,6 +256,7 @@ class BackdoorResult(NamedTuple):
     timings: dict
     classifier_rows: tuple = ()     # classifier rows (logit units) the mask touches (all for IF)
     target_row: bool | None = None  # whether the backdoor target's row is among them
+    agreement: float | None = None  # share of test images (clean and triggered) predicted as ``reference``
 
 
 def hessian_data(dataset, poisoned: Poisoned, config: TaskConfig):
@@ -283,7 +284,7 @@ def correction_mask(model, variables, poisoned: Poisoned, config: TaskConfig = T
 
 def correct_backdoor(model, variables, dataset, poisoned: Poisoned,
                      config: TaskConfig = TaskConfig(), *, weight_decay: float,
-                     mask=None) -> BackdoorResult:
+                     mask=None, reference=None) -> BackdoorResult:
     """Correct the poisoned labels of a trained model with one estimator; see module docstring.
 
     Args:
@@ -293,6 +294,11 @@ def correct_backdoor(model, variables, dataset, poisoned: Poisoned,
       config: estimator, selection, protocol, solver budget and step grid.
       weight_decay: the weight decay training used.
       mask: optional precomputed mask (:func:`correction_mask`).
+      reference: optional pair ``(clean, triggered)`` of predicted classes of a
+        reference model (the retrained baseline) on the clean test images and
+        on ``poisoned.test_triggered``; the result's ``agreement`` is then the
+        share of all these images on which the corrected model, at the chosen
+        step, predicts the same class. Not used to choose the step.
 
     Returns:
       :class:`BackdoorResult`, ``metrics`` on the test split at the chosen step.
@@ -324,24 +330,33 @@ def correct_backdoor(model, variables, dataset, poisoned: Poisoned,
 
     def along(clean, triggered):
         p = lambda s: common.predictions_along(model, variables, direction, steps, s.x)
-        return backdoor_metrics(p(clean), clean.y, p(triggered), triggered.y, target)
+        preds = p(clean), p(triggered)
+        return backdoor_metrics(preds[0], clean.y, preds[1], triggered.y, target), preds
 
     t0 = time.perf_counter()
     direction, norm = stepping.unit_direction(sol.delta)
     steps = config.grid()
     if config.protocol == "paper":
-        curve = along(dataset.test, poisoned.test_triggered)
+        curve, test_preds = along(dataset.test, poisoned.test_triggered)
     else:
-        curve = along(dataset.val, poisoned.val_triggered)
+        curve, _ = along(dataset.val, poisoned.val_triggered)
     k = stepping.best_index(curve.f1, maximize=True)
     timings["search"] = time.perf_counter() - t0
-    test_curve = curve if config.protocol == "paper" else along(dataset.test, poisoned.test_triggered)
+    if config.protocol != "paper":
+        test_curve, test_preds = along(dataset.test, poisoned.test_triggered)
+    else:
+        test_curve = curve
     at = BackdoorMetrics(*(float(np.asarray(v)[k]) for v in test_curve))
+    agree = None
+    if reference is not None:
+        ours = np.concatenate([test_preds[0][k], test_preds[1][k]])
+        theirs = np.concatenate([np.asarray(reference[0]), np.asarray(reference[1])])
+        agree = float(common.accuracy(ours, theirs))
     rows, has_target = common.classifier_rows(params, mask, target)
     return BackdoorResult(config.method, config, at, float(steps[k]), steps, curve, test_curve,
                           sol.num_hvps, sol.converged, sol.failure, sol.residual_norm, float(norm),
                           selected, total, sum(timings.values()), sol.compile_s + compile_g, timings,
-                          rows, has_target)
+                          rows, has_target, agree)
 
 
 def _check_step_rule(fn, config):

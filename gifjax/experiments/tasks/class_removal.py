@@ -100,6 +100,24 @@ class RemovalResult(NamedTuple):
     timings: dict           # seconds per stage: selection, gradient, solve, search
     classifier_rows: tuple = ()     # classifier rows (logit units) the mask touches (all for IF)
     target_row: bool | None = None  # whether the removed class's row is among them
+    agreement: float | None = None  # share of the other classes' test images predicted as ``reference``
+
+
+def agreement(predictions, reference, where=None):
+    """Share of examples (in ``where``) where ``predictions`` equal ``reference``: [..., N] → [...].
+
+    With ``reference`` the retrained model's predicted classes, this scores an
+    edited model by how closely it reproduces retraining, beyond accuracy
+    (which saturates): two models can both be 98 % accurate and still
+    disagree on different images. ``nan`` when ``where`` selects nothing.
+
+    Example:
+      >>> import numpy as np
+      >>> from gifjax.experiments.tasks.class_removal import agreement
+      >>> agreement(np.array([[1, 2, 3], [1, 0, 1]]), np.array([1, 2, 0]))
+      array([0.66666667, 0.33333333])
+    """
+    return common.accuracy(predictions, reference, where)
 
 
 def removal_metrics(predictions, labels, removed_class: int) -> RemovalMetrics:
@@ -153,7 +171,7 @@ def hessian_data(dataset, removed_class: int, config: TaskConfig):
 
 
 def remove_class(model, variables, dataset, removed_class: int, config: TaskConfig = TaskConfig(),
-                 *, weight_decay: float, mask=None) -> RemovalResult:
+                 *, weight_decay: float, mask=None, reference=None) -> RemovalResult:
     """Remove class ``removed_class`` from a trained model with one estimator; see module docstring.
 
     Args:
@@ -168,6 +186,11 @@ def remove_class(model, variables, dataset, removed_class: int, config: TaskConf
       mask: optional precomputed element mask (e.g. one shared by several
         estimators, from :func:`removal_mask`); its selection time is then
         not part of ``time_s``. By default it is made from ``config`` on U.
+      reference: optional predicted classes [N_test] of a reference model on
+        the test split (the retrained baseline); the result's ``agreement`` is
+        then the share of test images of the other classes on which the
+        edited model, at the chosen step, predicts the same class
+        (:func:`agreement`). Not used to choose the step.
 
     Returns:
       :class:`RemovalResult`.
@@ -202,21 +225,24 @@ def remove_class(model, variables, dataset, removed_class: int, config: TaskConf
     direction, norm = stepping.unit_direction(sol.delta)
     steps = config.grid()
     pick = common.split_for_protocol(dataset, config.protocol)
-    curve = removal_metrics(common.predictions_along(model, variables, direction, steps, pick.x),
-                            pick.y, removed_class)
+    pick_preds = common.predictions_along(model, variables, direction, steps, pick.x)
+    curve = removal_metrics(pick_preds, pick.y, removed_class)
     allowed = None if config.max_self_acc is None else np.asarray(curve.self_acc) < config.max_self_acc
     k = stepping.best_index(curve.f1, maximize=True, where=allowed)
     timings["search"] = time.perf_counter() - t0
     # Reporting, not part of the method (not timed): the test metrics along the grid.
+    test_preds = pick_preds if config.protocol == "paper" else common.predictions_along(
+        model, variables, direction, steps, dataset.test.x)
     test_curve = curve if config.protocol == "paper" else removal_metrics(
-        common.predictions_along(model, variables, direction, steps, dataset.test.x),
-        dataset.test.y, removed_class)
+        test_preds, dataset.test.y, removed_class)
     at = RemovalMetrics(*(float(np.asarray(v)[k]) for v in test_curve))
+    agree = None if reference is None else float(
+        agreement(test_preds[k], np.asarray(reference), dataset.test.y != removed_class))
     rows, has_target = common.classifier_rows(params, mask, removed_class)
     return RemovalResult(config.method, config, at, float(steps[k]), steps, curve, test_curve,
                          sol.num_hvps, sol.converged, sol.failure, sol.residual_norm, float(norm),
                          selected, total, sum(timings.values()), sol.compile_s + compile_g, timings,
-                         rows, has_target)
+                         rows, has_target, agree)
 
 
 def _examined(dataset, removed_class):
