@@ -325,4 +325,4 @@ def test_tasks_mnist_grids_and_report_from_a_synthetic_payload():
     assert "| 0.05/outputs/rule | +0.200 [+0.200, +0.200] (n=3) yes | +0.300 [+0.300, +0.300] (n=3) yes | — |" in md
     # highest − random for GIF: 0.2 in F1; nothing for the random rule itself
     assert "| 0.05/outputs/rule | GIF | +0.200 [+0.200, +0.200] (n=3) yes |" in md
-    assert "| 0.05/random/rule | GIF |" not in md
+    assert "| 0.05/random/rule | GIF | +" not in md and "| 0.05/random/rule | GIF | \u2212" not in md
