@@ -1535,17 +1535,16 @@ def auto_steps(flops_per_step: float | None, *, queries: int = 1, form: str = "s
 
     ``flops_per_step``: one curvature product on one query's vector (``None``,
     unknown: no cap). A least-squares step takes two products. ``None`` is
-    returned too when the default caps fit the budget anyway.
+    returned too when the default's worst case (``auto(form).matvec_budget``)
+    fits the budget anyway.
     """
     if not flops_per_step or flops_per_step <= 0:
         return None
     budget = AUTO_FLOP_BUDGET.get(backend or jax.default_backend(), max(AUTO_FLOP_BUDGET.values()))
-    per_step = flops_per_step * max(queries, 1) * (1 if form == "symmetric" else 2)
-    steps = int(budget // per_step)
-    default = auto(form)
-    needed = (_default_steps(default.first.max_steps) + _default_steps(default.then.max_steps)
-              if isinstance(default, Fallback) else _default_steps(default.max_steps))
-    return None if steps >= needed else steps
+    products = int(budget // (flops_per_step * max(queries, 1)))  # per query
+    if products >= auto(form).matvec_budget(form):
+        return None
+    return products // (1 if form == "symmetric" else 2)
 
 
 def get_solver(solver, *, form: str = "symmetric", fn: str = "solvers.get_solver") -> Solver:
