@@ -283,15 +283,16 @@ def test_paired_ci_constant_symmetric_deterministic_and_verdict():
 
 def test_tasks_mnist_grids_and_report_from_a_synthetic_payload():
     """benchmarks.tasks_mnist: the grids cover the issue's cells; the report pairs runs by unit (no training)."""
-    from benchmarks.tasks_mnist import CONTROLS, GRIDS, RULES, render
+    from benchmarks.tasks_mnist import CONTROLS, GRIDS, HIGHEST_RANDOM, RULES, render
 
     cells = lambda grid: {(r, rule, c) for r, rule, c, _ in grid}
-    assert cells(GRIDS["full"]) == {(r, rule, c) for r in (0.02, 0.05, 0.1, 0.3) for rule in RULES
-                                    for c in CONTROLS}
+    assert set(HIGHEST_RANDOM) | {"lowest"} == set(RULES)
+    assert cells(GRIDS["full"]) == {(r, rule, c) for r in (0.02, 0.05, 0.1, 0.3)
+                                    for rule in HIGHEST_RANDOM for c in CONTROLS}
     assert all(ms == ("pif", "fif", "gif") for *_, ms in GRIDS["full"])
     for name in ("core5", "lean", "budget"):   # 5 %: every rule × control, GIF everywhere
         five = [e for e in GRIDS[name] if e[0] == 0.05]
-        assert cells(five) == {(0.05, rule, c) for rule in RULES for c in CONTROLS}
+        assert cells(five) == {(0.05, rule, c) for rule in HIGHEST_RANDOM for c in CONTROLS}
         assert all("gif" in ms for *_, ms in five)
         assert all("fif" in ms for r, _, c, ms in five if c == "rule")
 
@@ -326,3 +327,35 @@ def test_tasks_mnist_grids_and_report_from_a_synthetic_payload():
     # highest − random for GIF: 0.2 in F1; nothing for the random rule itself
     assert "| 0.05/outputs/rule | GIF | +0.200 [+0.200, +0.200] (n=3) yes |" in md
     assert "| 0.05/random/rule | GIF | +" not in md and "| 0.05/random/rule | GIF | \u2212" not in md
+    # the verdicts: GIF − IF yes; GIF > FIF > PIF and highest > random > lowest lack a link
+    assert "| 5 % GIF (highest outputs) ≥ IF (all parameters) | **yes**: GIF − IF +0.400 [+0.400, +0.400] (n=3) |" in md
+    assert "**inconclusive**: GIF − FIF +0.100 [+0.100, +0.100] (n=3) yes; FIF − PIF not run" in md
+    assert "highest − random +0.200 [+0.200, +0.200] (n=3) yes; random − lowest not run" in md
+    assert "3 of 3 units below F1 0.8" not in md and "0 of 3 units below F1 0.8" in md
+
+
+def test_tasks_mnist_extension_grid_and_verdict_chain():
+    """benchmarks.tasks_mnist: the extension grid re-runs its comparators; a chain of two links is
+    yes only when both are, no when one is (no training)."""
+    from benchmarks.tasks_mnist import GRIDS, VERDICTS, _missing, _wanted, verdict_cell
+
+    ext = _wanted(GRIDS["extension"])
+    for pair in (("all", "if"), ("0.05/outputs/rule", "pif"), ("0.05/outputs/rule", "fif"),
+                 ("0.05/outputs/rule", "gif"), ("0.05/random/rule", "gif"),
+                 ("0.05/lowest/rule", "gif"), ("0.02/outputs/rule", "gif"),
+                 ("0.1/outputs/rule", "gif"), ("0.3/outputs/rule", "gif")):
+        assert pair in ext
+    unit = {"runs": [{"setting": s, "method": m} for s, m in ext[:-1]]}
+    assert _missing(unit, GRIDS["extension"]) == [ext[-1]]
+
+    def runs(values):  # {(setting, method): F1 per unit}
+        return [{"setting": s, "method": m, "seed": i, "removed_class": 0, "f1": v}
+                for (s, m), vs in values.items() for i, v in enumerate(vs)]
+
+    links = dict(VERDICTS)["highest-k > random > lowest-k at 5 % (outputs, GIF)"]
+    o, r, lo = ("0.05/outputs/rule", "gif"), ("0.05/random/rule", "gif"), ("0.05/lowest/rule", "gif")
+    both = runs({o: [0.9, 0.8, 0.95], r: [0.7, 0.6, 0.75], lo: [0.5, 0.4, 0.55]})
+    assert verdict_cell(both, links, "f1").startswith("**yes**: highest − random +0.200")
+    one_no = runs({o: [0.9, 0.8, 0.95], r: [0.7, 0.6, 0.75], lo: [0.8, 0.7, 0.85]})
+    assert verdict_cell(one_no, links, "f1").startswith("**no**:")
+    assert verdict_cell([], links, "f1") == "not run"
