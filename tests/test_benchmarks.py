@@ -359,3 +359,31 @@ def test_tasks_mnist_extension_grid_and_verdict_chain():
     one_no = runs({o: [0.9, 0.8, 0.95], r: [0.7, 0.6, 0.75], lo: [0.8, 0.7, 0.85]})
     assert verdict_cell(one_no, links, "f1").startswith("**no**:")
     assert verdict_cell([], links, "f1") == "not run"
+
+
+def test_selection_rules_report_pairs_runs_by_seed():
+    """benchmarks.selection_rules: the report's paired differences pair runs by seed (no training)."""
+    import dataclasses
+
+    from benchmarks.selection_rules import MASKED, SETTINGS, render
+    from gifjax.experiments.tasks.common import TaskConfig, TrainConfig
+
+    f1 = {("highest", "outputs"): 0.6, ("highest", "gradients"): 0.95, ("random", None): 0.9,
+          ("lowest", "outputs"): 0.5}
+    runs = [{"seed": seed, "rule": rule, "scores": scores, "method": m,
+             "f1": f1.get((rule, scores), 0.4) + 0.01 * seed + 0.02 * MASKED.index(m),
+             "self_acc": 0.1, "test_acc": 0.9, "step": 1.0, "time_s": 1.0, "num_hvps": 81,
+             "failure": "max_steps", "num_selected": 972, "num_params": 19466,
+             "classifier_rows": [0], "target_row": True}
+            for seed in (0, 1) for rule, scores in SETTINGS for m in MASKED]
+    base = {"self_acc": 0.0, "test_acc": 0.97, "f1": 0.98}
+    payload = {"seeds": [0, 1], "ratio": 0.05, "removed_class": 0, "quick": False, "seconds": 10.0,
+               "backend": "cpu", "training": dataclasses.asdict(TrainConfig()),
+               "config": dataclasses.asdict(TaskConfig()), "runs": runs,
+               "baselines": [{"original": base, "retrained": {**base, "time_s": 1.0},
+                              "if": {**base, "f1": 0.9 + 0.01 * s}} for s in (0, 1)]}
+    md = render(payload)
+    assert "| GIF − FIF (highest-k outputs) | +0.020 [+0.020, +0.020] (n=2) yes |" in md
+    assert "| highest-k − random, outputs (GIF) | −0.300 [−0.300, −0.300] (n=2) no |" in md
+    assert "| random − lowest-k, outputs (GIF) | +0.400 [+0.400, +0.400] (n=2) yes |" in md
+    assert "| GIF (highest-k outputs) − IF (all parameters) | −0.260 [−0.260, −0.260] (n=2) no |" in md
