@@ -98,8 +98,8 @@ class Influence(NamedTuple):
       damping: the damping λ actually used (an array): the number given,
         the value :class:`gifjax.AutoDamping` resolved to, or the low-rank factors'.
 
-    ``converged``, ``failure``, ``num_hvps``, ``num_steps`` and
-    ``residual_norm`` forward to ``solution``.
+    ``converged``, ``failure``, ``num_hvps``, ``num_steps``,
+    ``residual_norm`` and ``backward_error`` forward to ``solution``.
     """
 
     delta: Any
@@ -111,6 +111,7 @@ class Influence(NamedTuple):
     num_hvps = property(lambda self: self.solution.num_matvecs)
     num_steps = property(lambda self: self.solution.num_steps)
     residual_norm = property(lambda self: self.solution.residual_norm)
+    backward_error = property(lambda self: self.solution.backward_error)
 
 
 @_repr.compact_repr()

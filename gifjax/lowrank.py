@@ -82,7 +82,7 @@ from . import masks as _masks
 from . import _krylov
 from .estimators import adjoint_solve, influence
 from .operators import Estimator, curvature_spec
-from .solvers import (APPROXIMATE, LSTSQ, NONE, Solution, Solver, SolverState, default_rtol,
+from .solvers import (APPROXIMATE, LSTSQ, NONE, Solution, Solver, SolverState, backward_error, default_rtol,
                       finish as _finish, prepared)
 
 __all__ = ["Approximation", "Factors", "LowRank", "OPERATORS", "approximation_error", "bidiagonalize", "combine", "factorize", "lanczos", "load", "project", "save"]
@@ -353,7 +353,8 @@ def _captured(x, outside, b) -> Solution:
     """
     rnorm, bnorm = _tree.norm(outside), _tree.norm(b)
     met = rnorm <= default_rtol(rnorm.dtype) * bnorm
-    return _finish(x, 0, 0, rnorm, met, jnp.where(met, NONE, APPROXIMATE))
+    # the backward error of x for the factors' operator (A x = b − outside)
+    return _finish(x, 0, 0, rnorm, met, jnp.where(met, NONE, APPROXIMATE), backward_error(b, x, outside))
 
 
 def _check_rtol(fn, rtol):

@@ -86,7 +86,7 @@ __all__ = ["BlockCG", "CG", "DEFAULT_MAX_STEPS", "DEFAULT_RTOL", "Dense", "FAILU
            "HINTS", "LSMR", "LSTSQ", "LiSSA", "LinearOperator", "MINRES", "RICHARDSON_MODES", "Richardson", "SOLVERS",
            "STAGNATION_STEPS", "Solution", "Solver", "SolverState",
            "AUTO", "AUTO_FLOP_BUDGET", "AUTO_MIN_STEPS", "auto", "auto_steps",
-           "cg", "default_rtol", "dense", "get_solver", "lissa", "lstsq", "minres", "power_iteration",
+           "backward_error", "cg", "default_rtol", "dense", "get_solver", "lissa", "lstsq", "minres", "power_iteration",
            "richardson", "warn_failures"]
 
 #: Names of the ``Solution.failure`` codes, indexed by code.
@@ -99,10 +99,11 @@ FAILURES = (
     "breakdown",     # 5: a Krylov recurrence divided by zero (singular/inconsistent)
     "precision",     # 6: the tolerance is below what the working precision reached
     "approximate",   # 7: a low-rank answer whose right-hand side left the factors' subspace
+    "inconsistent",  # 8: A is (numerically) singular and b has no exact solution: a least-squares x
 )
 # int32 scalars so loop carries keep one dtype with and without jax_enable_x64
 (NONE, MAX_STEPS, INDEFINITE, DIVERGED, NONFINITE, BREAKDOWN, PRECISION,
- APPROXIMATE) = map(np.int32, range(len(FAILURES)))
+ APPROXIMATE, INCONSISTENT) = map(np.int32, range(len(FAILURES)))
 
 _TRANSPOSED_FORM = {"symmetric": "symmetric", "least_squares": "min_norm", "min_norm": "least_squares"}
 
@@ -121,6 +122,13 @@ class Solution(NamedTuple):
         least-squares form; ``Richardson`` always reports its normal residual.
       converged: True when the tolerance was met without failure.
       failure: int code into :data:`FAILURES` (0 = none).
+      backward_error: Paige–Saunders' normwise backward error η of ``value``
+        for the system whose residual ``residual_norm`` measures (the normal
+        system FᵀF for the least-squares form), see :func:`backward_error`:
+        x solves (A + E) x = b + f exactly with ‖E‖ ≤ η‖A‖, ‖f‖ ≤ η‖b‖.
+        Where ``failure`` is ``"inconsistent"`` it is ‖A r‖ / (‖A‖ ‖r‖)
+        instead: x is a least-squares solution for a matrix near A.
+        NaN only from a solver that does not estimate it.
     """
 
     value: Any
@@ -129,6 +137,7 @@ class Solution(NamedTuple):
     residual_norm: jax.Array
     converged: jax.Array
     failure: jax.Array
+    backward_error: Any = None
 
     def failure_names(self):
         """The failure code(s) as names (needs concrete values)."""
@@ -138,9 +147,38 @@ class Solution(NamedTuple):
         return [FAILURES[int(c)] for c in codes.ravel()]
 
 
-def _solution(value, steps, matvecs, residual, converged, failure):
+def _solution(value, steps, matvecs, residual, converged, failure, eta):
     return Solution(value, jnp.asarray(steps, jnp.int32), jnp.asarray(matvecs, jnp.int32),
-                    residual, jnp.asarray(converged), jnp.asarray(failure, jnp.int32))
+                    residual, jnp.asarray(converged), jnp.asarray(failure, jnp.int32),
+                    jnp.asarray(eta, jnp.result_type(residual)))
+
+
+def backward_error(b, x, r, norm_estimate=0.0):
+    r"""Paige–Saunders' normwise backward error η = ‖r‖ / (‖A‖ ‖x‖ + ‖b‖) of x for A x = b.
+
+    η is the smallest ε for which x solves (A + E) x = b + f exactly with
+    ‖E‖ ≤ ε‖A‖ and ‖f‖ ≤ ε‖b‖ (Rigal & Gaches 1967); Paige & Saunders (1975)
+    stop MINRES on it ("test 1"). ``r = b − A x`` is the true residual;
+    ‖A‖ is the larger of ``norm_estimate`` (a solver's estimate of ‖A‖₂ from
+    below: the Rayleigh quotients of CG's search directions, the largest
+    column ‖A v_k‖ of MINRES's Lanczos matrix as in MINRES-QLP, or the exact
+    norm for :class:`Dense`) and ‖A x‖ / ‖x‖ = ‖b − r‖ / ‖x‖, so η is an
+    upper bound of the true backward error: never optimistic. A certified
+    ‖r‖ ≤ rtol·‖b‖ implies η ≤ rtol.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from gifjax import solvers
+      >>> A, b = jnp.diag(jnp.array([1.0, 100.0])), jnp.array([1.0, 1.0])
+      >>> x = jnp.array([1.0, 0.0099])                        # r = (0, 0.01)
+      >>> float(solvers.backward_error(b, x, b - A @ x, norm_estimate=100.0)).__round__(6)
+      9.9e-05
+    """
+    xnorm = _tree.norm(x)
+    applied = _tree.norm(_tree.sub(b, r))
+    anorm = jnp.maximum(norm_estimate, jnp.where(xnorm > 0, applied / jnp.where(xnorm > 0, xnorm, 1.0), 0.0))
+    rnorm, den = _tree.norm(r), anorm * xnorm + _tree.norm(b)
+    return jnp.where(den > 0, rnorm / jnp.where(den > 0, den, 1.0), jnp.where(rnorm > 0, jnp.inf, 0.0))
 
 
 class SolverState(NamedTuple):
@@ -349,6 +387,8 @@ HINTS = {
     "breakdown": "add damping, or use solver='lsmr' for a singular system",
     "precision": "loosen rtol (see solvers.DEFAULT_RTOL) or compute in float64",
     "approximate": "raise the rank, or measure lowrank.approximation_error on a few queries",
+    "inconsistent": ("the operator is singular at this tolerance and b has a part in its null space, so the "
+                     "values are least-squares solutions, not A⁻¹b: add damping for a unique answer"),
 }
 
 
@@ -398,6 +438,16 @@ DEFAULT_RTOL = {"symmetric": {8: 1e-10, 4: 1e-4, 2: 1e-2},
                 "normal": {8: 1e-10, 4: 1e-5, 2: 1e-2}}
 
 
+def _least_squares_rtol(rtol, dtype):
+    """MINRES stops as ``"inconsistent"`` (Paige–Saunders test 2) once ‖A r‖ ≤ this·‖A‖·‖r‖.
+
+    At least √eps: on an inconsistent singular system the iterate diverges along A's null space
+    soon after the residual stagnates (κ = 1e3, float64: ‖A r‖ / (‖A‖ ‖r‖) reached 4e-9, then ‖x‖
+    grew to 1e13), so a least-squares answer is certified to √eps at best.
+    """
+    return jnp.maximum(rtol, jnp.sqrt(jnp.finfo(dtype).eps))
+
+
 #: ``BlockCG(negative_curvature="continue")`` stops a block as ``"indefinite"`` when, after
 #: negative curvature was seen, its worst relative residual has not halved in this many steps.
 STAGNATION_STEPS = 50
@@ -432,25 +482,29 @@ def _identity(v):
     return v
 
 
-def _refined(inner, residual, b, tol, max_steps, restarts):
+def _refined(inner, residual, b, tol, max_steps, restarts, apply=None):
     """Iterative refinement on the true residual, shared by the Krylov solvers.
 
-    ``inner(r, tol, steps_left) → (dx, steps, matvecs, failure)`` solves A dx ≈ r;
-    ``residual(x) → (b − A x, matvecs)`` is recomputed after every inner solve, so
-    ``converged`` always certifies ‖b − A x‖ ≤ tol on the *true* residual, never on
-    a recurrence that drifted. Up to ``restarts`` further inner solves continue
-    from that residual. A tolerance below the precision floor, or one the
-    refinements cannot reach, ends with failure ``"precision"``.
+    ``inner(r, tol, steps_left) → (dx, steps, matvecs, failure, norm_estimate)``
+    solves A dx ≈ r; ``residual(x) → (b − A x, matvecs)`` is recomputed after
+    every inner solve, so ``converged`` always certifies ‖b − A x‖ ≤ tol on
+    the *true* residual, never on a recurrence that drifted. Up to
+    ``restarts`` further inner solves continue from that residual. A
+    tolerance below the precision floor, or one the refinements cannot
+    reach, ends with failure ``"precision"``. An inner solve that stopped as
+    ``"inconsistent"`` (MINRES's Paige–Saunders test 2) is checked on the
+    true residual with one more product ``apply`` (A itself): it stays so
+    only if ‖A r‖ ≤ rtol·‖A‖·‖r‖, else it is ``"precision"``.
     """
     bnorm = _tree.norm(b)
 
     def cond(st):
-        rounds, x, r, rnorm, k, m, fail = st
+        rounds, x, r, rnorm, k, m, fail, anorm = st
         return (rounds <= restarts) & (rnorm > tol) & (k < max_steps) & (fail == NONE)
 
     def body(st):
-        rounds, x, r, rnorm, k, m, fail = st
-        dx, dk, dm, f = inner(r, tol, max_steps - k)
+        rounds, x, r, rnorm, k, m, fail, anorm = st
+        dx, dk, dm, f, dnorm = inner(r, tol, max_steps - k)
         x_new = _tree.add(x, dx)
         r_new, rm = residual(x_new)
         rnorm_new = _tree.norm(r_new)
@@ -461,18 +515,35 @@ def _refined(inner, residual, b, tol, max_steps, restarts):
         spent = k + dk >= max_steps
         f = jnp.where(better | (f != NONE), f, jnp.where(finite, jnp.where(spent, NONE, PRECISION), NONFINITE))
         return (rounds + 1, _tree.where(better, x_new, x), _tree.where(better, r_new, r),
-                jnp.where(better, rnorm_new, rnorm), k + dk, m + dm + rm, f)
+                jnp.where(better, rnorm_new, rnorm), k + dk, m + dm + rm, f,
+                jnp.maximum(anorm, jnp.where(jnp.isfinite(dnorm), dnorm, 0.0)))
 
-    init = (jnp.int32(0), _tree.zeros_like(b), b, bnorm, jnp.int32(0), jnp.int32(0), jnp.int32(NONE))
-    rounds, x, _, rnorm, k, m, fail = jax.lax.while_loop(cond, body, init)
+    zero = jnp.zeros((), bnorm.dtype)
+    init = (jnp.int32(0), _tree.zeros_like(b), b, bnorm, jnp.int32(0), jnp.int32(0), jnp.int32(NONE), zero)
+    rounds, x, r, rnorm, k, m, fail, anorm = jax.lax.while_loop(cond, body, init)
     met = rnorm <= tol
     stalled = (fail == NONE) & ~met & ((rounds > restarts) | (tol < _floor(bnorm)))
-    fail = jnp.where(stalled, PRECISION, fail)
-    return finish(x, k, m, rnorm, met, fail)
+    fail = jnp.where(stalled, PRECISION, jnp.where(met & (fail == INCONSISTENT), NONE, fail))
+    eta = backward_error(b, x, r, anorm)
+    if apply is not None:
+        anorm = jnp.maximum(anorm, _tree.norm(_tree.sub(b, r)) / _tree.divisor(_tree.norm(x)))
+
+        def least_squares_error():
+            return _tree.norm(apply(r)) / _tree.divisor(anorm * rnorm), 1
+
+        inconsistent = fail == INCONSISTENT
+        eta2, used = jax.lax.cond(inconsistent, least_squares_error, lambda: (eta, 0))
+        verified = eta2 <= _least_squares_rtol(tol / _tree.divisor(bnorm), eta2.dtype)
+        fail = jnp.where(inconsistent & ~verified, PRECISION, fail)
+        eta, m = jnp.where(inconsistent & verified, eta2, eta), m + used
+    return finish(x, k, m, rnorm, met, fail, eta)
 
 
-def finish(x, steps, matvecs, residual, met_tolerance, fail) -> Solution:
-    """The :class:`Solution` for solver authors: flags a non-finite value, sets ``max_steps``."""
+def finish(x, steps, matvecs, residual, met_tolerance, fail, eta=jnp.nan) -> Solution:
+    """The :class:`Solution` for solver authors: flags a non-finite value, sets ``max_steps``.
+
+    ``eta``: the answer's :func:`backward_error` (NaN: not estimated).
+    """
     # A NaN that slipped into the residual or the value (e.g. an operator
     # that returned NaN on the first product) is reported, never returned.
     finite = jnp.isfinite(residual) & _tree.all_finite(x)
@@ -480,7 +551,7 @@ def finish(x, steps, matvecs, residual, met_tolerance, fail) -> Solution:
     x = _tree.where(finite, x, _tree.zeros_like(x))
     converged = met_tolerance & (fail == NONE)
     fail = jnp.where(converged | (fail != NONE), fail, MAX_STEPS)
-    return _solution(x, steps, matvecs, residual, converged, fail)
+    return _solution(x, steps, matvecs, residual, converged, fail, jnp.where(finite, eta, 1.0))  # η(0) = 1
 
 
 # ----------------------------------------------------------------------------- dense
@@ -517,22 +588,23 @@ class Dense(Solver):
             w, V = jnp.linalg.eigh(0.5 * (mat + mat.T))
             keep = jnp.abs(w) > rcond * jnp.max(jnp.abs(w))
             inv = jnp.where(keep, 1.0 / jnp.where(keep, w, 1.0), 0.0)
-            return dict(mat=mat, V=V, inv=inv, unravel=unravel)
+            return dict(mat=mat, V=V, inv=inv, unravel=unravel, norm=jnp.max(jnp.abs(w)))
         U, sigma, Vt = jnp.linalg.svd(mat, full_matrices=False)
         keep = sigma > rcond * jnp.max(sigma)
         inv2 = jnp.where(keep, 1.0 / jnp.where(keep, sigma, 1.0) ** 2, 0.0)
-        return dict(mat=mat, V=Vt.T, inv=inv2, unravel=unravel)
+        return dict(mat=mat, V=Vt.T, inv=inv2, unravel=unravel, norm=jnp.max(sigma) ** 2)  # ‖FᵀF‖₂
 
     def _answer(self, state, b, residual_of):
         d = state.data
         flat_b = jax.flatten_util.ravel_pytree(b)[0]
         mm = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
         x = mm(d["V"], d["inv"] * mm(d["V"].T, flat_b))
-        residual = jnp.linalg.norm(flat_b - residual_of(d["mat"], x, mm))
+        r = flat_b - residual_of(d["mat"], x, mm)
         finite = jnp.all(jnp.isfinite(x))
         x = jnp.where(finite, x, 0.0)
-        return _solution(d["unravel"](x), 1, flat_b.shape[0], residual, finite,
-                         jnp.where(finite, NONE, NONFINITE))
+        eta = jnp.where(finite, backward_error(flat_b, x, r, d["norm"]), 1.0)
+        return _solution(d["unravel"](x), 1, flat_b.shape[0], jnp.linalg.norm(r), finite,
+                         jnp.where(finite, NONE, NONFINITE), eta)
 
     def solve_symmetric(self, state, b):
         return self._answer(state, b, lambda M, x, mm: mm(M, x))
@@ -597,9 +669,14 @@ class _Krylov(Solver):
         unit = _tree.scale(1 / s, b)
         inner = lambda r, tol, steps: self._inner(A, Minv, r, tol, steps, **inner_options)
         residual = lambda x: (_tree.sub(unit, A(x)), 1)
-        sol = _refined(inner, residual, unit, tol / s, _default_steps(self.max_steps), self.restarts)
+        sol = _refined(inner, residual, unit, tol / s, _default_steps(self.max_steps), self.restarts,
+                       apply=A if self._least_squares_test(Minv) else None)
         return finish(unravel(_tree.scale(s, sol.value)), sol.num_steps, sol.num_matvecs, s * sol.residual_norm,
-                      sol.converged, sol.failure)
+                      sol.converged, sol.failure, sol.backward_error)
+
+    def _least_squares_test(self, Minv):
+        """Whether ``_inner`` may stop as ``"inconsistent"`` (then checked with one more product)."""
+        return False
 
 
 def _flat_problem(A, Minv, b, inner_options):
@@ -653,12 +730,14 @@ class CG(_Krylov):
         curvature = curvature or (lambda p: (lambda Ap: (Ap, _tree.vdot(p, Ap)))(A(p)))
 
         def cond(s):
-            k, x, r, p, rz, rr, fail = s
+            k, x, r, p, rz, rr, fail, anorm = s
             return (k < max_steps) & (rr > tol2) & (fail == NONE)
 
         def body(s):
-            k, x, r, p, rz, rr, fail = s
+            k, x, r, p, rz, rr, fail, anorm = s
             Ap, pAp = curvature(p)
+            # |pᵀAp| / pᵀp ≤ ‖A‖₂: the largest Rayleigh quotient seen estimates ‖A‖ for backward_error
+            anorm = jnp.maximum(anorm, jnp.abs(pAp) / _tree.divisor(_tree.vdot(p, p)))
             alpha = rz / pAp
             x_new = _tree.axpy(alpha, p, x)
             r_new = _tree.axpy(-alpha, Ap, r)
@@ -669,12 +748,13 @@ class CG(_Krylov):
                              jnp.where(jnp.isfinite(rr_new) & _tree.all_finite(x_new), NONE, NONFINITE))
             ok = fail == NONE
             return (k + 1, _tree.where(ok, x_new, x), _tree.where(ok, r_new, r), _tree.where(ok, p_new, p),
-                    jnp.where(ok, rz_new, rz), jnp.where(ok, rr_new, rr), fail)
+                    jnp.where(ok, rz_new, rz), jnp.where(ok, rr_new, rr), fail, anorm)
 
         z = Minv(b)
-        init = (jnp.int32(0), _tree.zeros_like(b), b, z, _tree.vdot(b, z), _tree.vdot(b, b), jnp.int32(NONE))
-        k, x, _, _, _, _, fail = jax.lax.while_loop(cond, body, init)
-        return x, k, k, fail
+        rr = _tree.vdot(b, b)
+        init = (jnp.int32(0), _tree.zeros_like(b), b, z, _tree.vdot(b, z), rr, jnp.int32(NONE), jnp.zeros_like(rr))
+        k, x, _, _, _, _, fail, anorm = jax.lax.while_loop(cond, body, init)
+        return x, k, k, fail, anorm
 
 
 def cg(matvec, b, *, rmatvec=None, form="symmetric", rtol=None, atol=0.0, max_steps=None):
@@ -698,6 +778,22 @@ class MINRES(_Krylov):
     ``init``) and ``restarts`` are as in :class:`CG`; the answer is certified
     on the true residual. The normal forms (GIF) run MINRES on FᵀF, which is
     LSMR (Fong & Saunders 2011: LSMR ≡ MINRES on AᵀA x = Aᵀb).
+
+    Without a preconditioner it also applies Paige & Saunders' test 2: when
+    ‖A r‖ ≤ max(rtol, √eps)·‖A‖·‖r‖ while ‖r‖ is above its tolerance, b
+    has a part in A's (numerical) null space and no x solves A x = b; the
+    solve stops with ``failure="inconsistent"`` (checked on the true residual
+    with one more product) and a least-squares solution, instead of running
+    to ``max_steps`` while its iterate drifts along the null space.
+    ``Solution.backward_error`` is then ‖A r‖ / (‖A‖ ‖r‖).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from gifjax import solvers
+      >>> A = jnp.diag(jnp.array([0.0, 1.0, 2.0]))      # singular, and b = 1 is not in its range
+      >>> sol = solvers.MINRES()(lambda v: A @ v, jnp.ones(3))
+      >>> sol.failure_names(), (A @ sol.value).round(3)     # A x: b's projection onto A's range
+      ('inconsistent', Array([0., 1., 1.], dtype=float32))
     """
 
     rtol: Any = None
@@ -706,20 +802,26 @@ class MINRES(_Krylov):
     preconditioner: Any = None
     restarts: int = 2
 
+    def _least_squares_test(self, Minv):
+        return Minv is _identity  # the Lanczos estimates below are of A itself only without a preconditioner
+
     def _inner(self, A, Minv, b, tol, max_steps):
+        plain = Minv is _identity
         y = Minv(b)
         beta1 = jnp.sqrt(jnp.maximum(_tree.vdot(b, y), 0.0))
         # phibar estimates ‖r‖_{M⁻¹}; stop on the relative reduction the 2-norm tolerance asks for
-        target = tol / jnp.maximum(_tree.norm(b), jnp.finfo(beta1.dtype).tiny) * beta1
+        rel = tol / jnp.maximum(_tree.norm(b), jnp.finfo(beta1.dtype).tiny)
+        target = rel * beta1
         zero = _tree.zeros_like(b)
-        eps = jnp.finfo(beta1.dtype).eps
+        dt = beta1.dtype
+        eps = jnp.finfo(dt).eps
 
         def cond(s):
-            k, fail, phibar = s[0], s[1], s[-3]
+            k, fail, phibar = s[0], s[1], s[12]
             return (k < max_steps) & (phibar > target) & (fail == NONE)
 
         def body(s):
-            k, fail, x, r1, r2, y, w, w2, beta, oldb, dbar, epsln, phibar, cs, sn = s
+            k, fail, x, r1, r2, y, w, w2, beta, oldb, dbar, epsln, phibar, cs, sn, tnorm2 = s
             v = _tree.scale(1.0 / beta, y)
             y = A(v)
             y = _tree.axpy(-jnp.where(k > 0, beta / jnp.where(oldb > 0, oldb, 1.0), 0.0), r1, y)
@@ -729,30 +831,40 @@ class MINRES(_Krylov):
             y = Minv(r2)
             oldb, beta2 = beta, _tree.vdot(r2, y)
             beta = jnp.sqrt(jnp.maximum(beta2, 0.0))
+            # ‖A‖ ≥ ‖A v_k‖ = ‖T e_k‖, the largest column of the Lanczos matrix so far (as MINRES-QLP; the
+            # first β is ‖b‖, not an entry of T); Paige–Saunders' ‖T_k‖_F can exceed ‖A‖_F
+            tnorm2 = jnp.maximum(tnorm2, alfa**2 + jnp.where(k > 0, oldb**2, 0.0) + beta**2)
             oldeps = epsln
             delta = cs * dbar + sn * alfa
             gbar = sn * dbar - cs * alfa
             epsln = sn * beta
             dbar = -cs * beta
+            root = jnp.hypot(gbar, dbar)  # ‖A r_{k-1}‖ / ‖r_{k-1}‖
             gamma = jnp.maximum(jnp.hypot(gbar, beta), eps)
             cs, sn = gbar / gamma, beta / gamma
-            phi, phibar = cs * phibar, sn * phibar
+            phi, phibar_new = cs * phibar, sn * phibar
             w1, w2 = w2, w
             w = _tree.scale(1.0 / gamma, _tree.axpy(-delta, w2, _tree.axpy(-oldeps, w1, v)))
             x_new = _tree.axpy(phi, w, x)
+            # Paige–Saunders test 2: ‖A r‖ ≤ rtol·‖A‖·‖r‖ while ‖r‖ is above its tolerance means b has
+            # no exact solution (A singular at this tolerance) and the last iterate x is a least-squares
+            # solution (root is about its residual; the step past it only adds rounding in A's null space)
+            stuck = plain & (root <= _least_squares_rtol(rel, dt) * jnp.sqrt(tnorm2))
             fail = jnp.where(beta2 < 0, BREAKDOWN,   # the preconditioner is not positive definite
-                             jnp.where(jnp.isfinite(phibar) & _tree.all_finite(x_new), NONE, NONFINITE))
+                             jnp.where(stuck, INCONSISTENT,
+                                       jnp.where(jnp.isfinite(phibar_new) & _tree.all_finite(x_new), NONE,
+                                                 NONFINITE)))
             ok = fail == NONE
             # beta = 0: the Krylov space is invariant and x_new solves the system (phibar = 0)
             return (k + 1, fail, _tree.where(ok, x_new, x), r1, r2, y, w, w2, jnp.where(beta > 0, beta, 1.0),
-                    oldb, dbar, epsln, jnp.where(ok, phibar, 0.0), cs, sn)
+                    oldb, dbar, epsln, jnp.where(ok, phibar_new, 0.0), cs, sn, tnorm2)
 
-        dt = beta1.dtype
         init = (jnp.int32(0), jnp.int32(NONE), zero, b, b, y, zero, zero,
                 jnp.where(beta1 > 0, beta1, 1.0), jnp.zeros((), dt), jnp.zeros((), dt), jnp.zeros((), dt),
-                beta1, -jnp.ones((), dt), jnp.zeros((), dt))
+                beta1, -jnp.ones((), dt), jnp.zeros((), dt), jnp.zeros((), dt))
         out = jax.lax.while_loop(cond, body, init)
-        return out[2], out[0], out[0], out[1]
+        anorm = jnp.sqrt(out[-1]) if plain else jnp.zeros((), dt)
+        return out[2], out[0], out[0], out[1], anorm
 
 
 class _NormalEquations:
@@ -906,12 +1018,13 @@ class BlockCG(_Krylov):
         tol = _tolerance(self.rtol, self.atol, bnorm, normal=normal)
         max_steps = _default_steps(self.max_steps)
         s = _tree.divisor(bnorm)  # unit rows, as in _Krylov._solve
-        x, steps, matvecs, residual, met, fail = _block_cg_refined(A_rows, M_rows, rows / s[:, None], tol / s,
-                                                                   max_steps, self.restarts,
-                                                                   self.negative_curvature == "stop")
+        unit = rows / s[:, None]
+        x, steps, matvecs, r, residual, met, fail, anorm = _block_cg_refined(
+            A_rows, M_rows, unit, tol / s, max_steps, self.restarts, self.negative_curvature == "stop")
+        eta = jax.vmap(backward_error, (0, 0, 0, None))(unit, x, r, anorm)
         x, residual = x * s[:, None], residual * s
         matvecs = jnp.broadcast_to((2 if normal else 1) * matvecs, steps.shape)
-        sols = jax.vmap(finish)(x, steps, matvecs, residual, met & finite, jnp.where(finite, fail, NONFINITE))
+        sols = jax.vmap(finish)(x, steps, matvecs, residual, met & finite, jnp.where(finite, fail, NONFINITE), eta)
         return sols._replace(value=jax.vmap(unravel)(sols.value))
 
 
@@ -919,19 +1032,20 @@ def _block_cg_refined(A, Minv, B, tol, max_steps, restarts, stop_indefinite):
     """Block CG from the true residual, up to ``restarts`` more rounds.
 
     Returns (X, per-column steps, matvecs per column: block steps + residual
-    checks, true residual norms, met, per-column failure).
+    checks, true residuals and their norms, met, per-column failure, an
+    estimate of ‖A‖ from below: the largest Rayleigh quotient seen).
     """
     Q = B.shape[0]
 
     def cond(st):
-        rounds, x, r, rnorm, steps, k, fail = st
+        rounds, x, r, rnorm, steps, k, fail, anorm = st
         todo = (rnorm > tol) & (fail == NONE)
         return (rounds <= restarts) & jnp.any(todo) & (k < max_steps)
 
     def body(st):
-        rounds, x, r, rnorm, steps, k, fail = st
+        rounds, x, r, rnorm, steps, k, fail, anorm = st
         todo = (rnorm > tol) & (fail == NONE)
-        dx, dsteps, dk, f = _block_cg(A, Minv, r * todo[:, None], tol, max_steps - k, stop_indefinite)
+        dx, dsteps, dk, f, dnorm = _block_cg(A, Minv, r * todo[:, None], tol, max_steps - k, stop_indefinite)
         x_new = x + dx
         r_new = B - A(x_new)
         rnorm_new = _row_norms(r_new)
@@ -942,20 +1056,21 @@ def _block_cg_refined(A, Minv, B, tol, max_steps, restarts, stop_indefinite):
                       jnp.where(finite, jnp.where(spent, NONE, PRECISION), NONFINITE))
         keep = lambda new, old: jnp.where(better[:, None], new, old)
         return (rounds + 1, keep(x_new, x), keep(r_new, r), jnp.where(better, rnorm_new, rnorm),
-                steps + dsteps, k + dk, jnp.where(todo, f, fail))
+                steps + dsteps, k + dk, jnp.where(todo, f, fail), jnp.maximum(anorm, dnorm))
 
     zero = jnp.zeros((Q,), jnp.int32)
-    init = (jnp.int32(0), jnp.zeros_like(B), B, _row_norms(B), zero, jnp.int32(0), zero + NONE)
-    rounds, x, _, rnorm, steps, k, fail = jax.lax.while_loop(cond, body, init)
+    init = (jnp.int32(0), jnp.zeros_like(B), B, _row_norms(B), zero, jnp.int32(0), zero + NONE,
+            jnp.zeros((), B.dtype))
+    rounds, x, r, rnorm, steps, k, fail, anorm = jax.lax.while_loop(cond, body, init)
     met = rnorm <= tol
     # out of refinement rounds with budget left (or asked below the floor): the precision floor;
     # out of budget: finish() reports max_steps
     stalled = (fail == NONE) & ~met & (((rounds > restarts) & (k < max_steps)) | (tol < _floor(_row_norms(B))))
-    return x, steps, k + rounds, rnorm, met, jnp.where(stalled, PRECISION, fail)
+    return x, steps, k + rounds, r, rnorm, met, jnp.where(stalled, PRECISION, fail), anorm
 
 
 def _block_cg(A, Minv, B, tol, max_steps, stop_indefinite):
-    """Breakdown-free block PCG on rows: (X, per-column steps, block steps, per-column failure)."""
+    """Breakdown-free block PCG on rows: (X, per-column steps, block steps, per-column failure, ‖A‖ estimate)."""
     Q, dt = B.shape[0], B.dtype
     Minv = _identity if Minv is None else Minv
     mm = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
@@ -980,13 +1095,15 @@ def _block_cg(A, Minv, B, tol, max_steps, stop_indefinite):
         return jax.scipy.linalg.solve_triangular(L, P, lower=True), keep
 
     def cond(st):
-        k, x, r, p, keep, active, steps, fail, _ = st
+        k, x, r, p, keep, active, steps, fail, _, _ = st
         return (k < max_steps) & jnp.any(active) & jnp.any(keep) & jnp.all(fail == NONE)
 
     def body(st):
-        k, x, r, p, keep, active, steps, fail, (seen, best, k_best) = st
+        k, x, r, p, keep, active, steps, fail, (seen, best, k_best), anorm = st
         ap = A(p)
         G = mm(p, ap.T)  # symmetrised: one product of the block with the step's HVPs, not two
+        # the kept rows of p are orthonormal: |pᵢᵀA pᵢ| ≤ ‖A‖₂, an estimate for backward_error
+        anorm = jnp.maximum(anorm, jnp.max(jnp.where(keep, jnp.abs(jnp.diag(G)), 0.0)))
         G = 0.5 * (G + G.T) + jnp.diag(jnp.where(keep, 0.0, 1.0).astype(dt))
         w, V = jnp.linalg.eigh(G)
         if stop_indefinite:
@@ -1003,9 +1120,11 @@ def _block_cg(A, Minv, B, tol, max_steps, stop_indefinite):
         x_new = x + mm(alpha.T, p)
         r_new = r - mm(alpha.T, ap)
         rnorm = _row_norms(r_new)
-        still = active & (rnorm > tol)
         # a column that met its tolerance stays in the block while others go on: its HVPs are paid
-        # for anyway (fixed shapes), and its directions keep enlarging the shared Krylov space
+        # for anyway (fixed shapes), and its directions keep enlarging the shared Krylov space. Its
+        # residual is not monotone (CG minimises the A-norm error), so it counts as done only while
+        # it stays below the tolerance: the block stops when all columns are there at once
+        still = rnorm > tol
         z = Minv(r_new) * (rnorm > floor)[:, None]
         beta = -mm(Ginv, mm(ap, z.T))                # [s, Q]
         p_new, keep_new = orthonormal(z + mm(beta.T, p))
@@ -1017,16 +1136,16 @@ def _block_cg(A, Minv, B, tol, max_steps, stop_indefinite):
         halved = worst < 0.5 * best
         progress = (seen, jnp.where(halved, worst, best), jnp.where(halved, k, k_best))
         return (k + 1, jnp.where(ok, x_new, x), jnp.where(ok, r_new, r), jnp.where(ok, p_new, p),
-                keep_new & ok, jnp.where(ok, still, active), steps + active, fail, progress)
+                keep_new & ok, jnp.where(ok, still, active), steps + active, fail, progress, anorm)
 
     bnorm = _row_norms(B)
     active, scale, floor = bnorm > tol, _tree.divisor(bnorm), _floor(bnorm)
     p, keep = orthonormal(Minv(B) * active[:, None])
     progress = (jnp.bool_(False), jnp.asarray(1.0, dt), jnp.int32(0))  # (negative curvature seen, best, its step)
     init = (jnp.int32(0), jnp.zeros_like(B), B, p, keep, active, jnp.zeros((Q,), jnp.int32),
-            jnp.zeros((Q,), jnp.int32) + NONE, progress)
-    k, x, _, _, _, _, steps, fail, _ = jax.lax.while_loop(cond, body, init)
-    return x, steps, k, fail
+            jnp.zeros((Q,), jnp.int32) + NONE, progress, jnp.zeros((), dt))
+    k, x, _, _, _, _, steps, fail, _, anorm = jax.lax.while_loop(cond, body, init)
+    return x, steps, k, fail, anorm
 
 
 # ----------------------------------------------------------------------------- fallback
@@ -1256,9 +1375,10 @@ class LiSSA(Solver):
 
         (x, fail), _ = jax.lax.scan(body, (_tree.zeros_like(b), jnp.int32(NONE)),
                                     jnp.arange(self.num_steps))
-        residual = _tree.norm(_tree.sub(b, full(x)))
+        r = _tree.sub(b, full(x))
+        residual = _tree.norm(r)
         met = residual <= _tolerance(self.rtol, self.atol, bnorm)
-        return finish(x, self.num_steps, self.num_steps + extra, residual, met, fail)
+        return finish(x, self.num_steps, self.num_steps + extra, residual, met, fail, backward_error(b, x, r))
 
 
 def lissa(matvec, b, *, rmatvec=None, form="symmetric", **config) -> Solution:
@@ -1399,11 +1519,11 @@ class Richardson(Solver):
             return _tree.scale(1.0 / c, rhs), _tree.axpy(-1.0 / c, N_rhs, rhs)
 
         def cond(st):
-            k, x, res, rnorm, c, fail, best, best_norm = st
+            k, x, res, rnorm, c, fail, (best, best_res, best_norm) = st
             return (k < self.max_steps) & (best_norm > tol) & (fail == NONE)
 
         def body(st):
-            k, x, res, rnorm, c, fail, best, best_norm = st
+            k, x, res, rnorm, c, fail, (best, best_res, best_norm) = st
             x_new = _tree.axpy(1.0 / c, res, x)
             res_new = _tree.sub(rhs, N(x_new))
             rnorm_new = _tree.norm(res_new)
@@ -1418,14 +1538,16 @@ class Richardson(Solver):
             improved = ok & (rnorm_new < best_norm)
             return (k + 1, _tree.where(ok, x_new, x), _tree.where(ok, res_new, res),
                     jnp.where(ok, rnorm_new, rnorm), jnp.where(grew, c_up, c), fail,
-                    _tree.where(improved, x_new, best), jnp.where(improved, rnorm_new, best_norm))
+                    (_tree.where(improved, x_new, best), _tree.where(improved, res_new, best_res),
+                     jnp.where(improved, rnorm_new, best_norm)))
 
         c0 = jnp.asarray(self.normalizer, rhs_norm.dtype)
         x0, res0 = restart(c0)
         r0 = _tree.norm(res0)
-        init = (jnp.int32(0), x0, res0, r0, c0, jnp.int32(NONE), x0, r0)
-        k, _, _, _, _, fail, best, best_norm = jax.lax.while_loop(cond, body, init)
-        return finish(best, k, 2 * (k + 1) + extra, best_norm, best_norm <= tol, fail)
+        init = (jnp.int32(0), x0, res0, r0, c0, jnp.int32(NONE), (x0, res0, r0))
+        k, _, _, _, _, fail, (best, best_res, best_norm) = jax.lax.while_loop(cond, body, init)
+        return finish(best, k, 2 * (k + 1) + extra, best_norm, best_norm <= tol, fail,
+                      backward_error(rhs, best, best_res))
 
     def _iterate_official(self, N, rhs, *, extra):
         """The official loop (see the class docstring); one ``while_loop`` over all attempts."""
@@ -1461,9 +1583,10 @@ class Richardson(Solver):
         init = (jnp.int32(0), jnp.int32(0), jnp.int32(0), _tree.scale(1.0 / (c0 * c0), rhs), c0,
                 fresh_diff, fresh_old, jnp.int32(NONE))
         _, total, _, x, _, _, _, fail = jax.lax.while_loop(cond, body, init)
-        residual = _tree.norm(_tree.sub(rhs, N(x)))
+        r = _tree.sub(rhs, N(x))
+        residual = _tree.norm(r)
         met = residual <= _tolerance(self.rtol, 0.0, _tree.norm(rhs))
-        return finish(x, total, 2 * total + 2 + extra, residual, met, fail)
+        return finish(x, total, 2 * total + 2 + extra, residual, met, fail, backward_error(rhs, x, r))
 
 
 def richardson(matvec, b, *, rmatvec=None, form="least_squares", **config) -> Solution:

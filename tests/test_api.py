@@ -196,6 +196,8 @@ def test_solution_repr_counts_converged_and_failures():
                    num_matvecs=np.zeros(64, np.int32), residual_norm=np.zeros(64, np.float32),
                    converged=np.arange(64) >= 4,
                    failure=np.where(np.arange(64) < 3, FAILURES.index("max_steps"),
-                                    np.where(np.arange(64) == 3, FAILURES.index("indefinite"), 0)))
+                                    np.where(np.arange(64) == 3, FAILURES.index("indefinite"), 0)),
+                   backward_error=np.zeros(64, np.float32))
     assert repr(sol) == ("Solution(value=<dict: 1 array, 64,000 f32>, num_steps=i32[64], num_matvecs=i32[64], "
-                         "residual_norm=f32[64], converged=60/64, failure={max_steps: 3, indefinite: 1})")
+                         "residual_norm=f32[64], converged=60/64, failure={max_steps: 3, indefinite: 1}, "
+                         "backward_error=f32[64])")

@@ -63,6 +63,64 @@ def test_minres_gives_the_minimum_norm_solution_of_a_consistent_singular_system(
     assert rel_err(sol.value, np.linalg.pinv(A) @ b) < 1e-8
 
 
+def test_minres_stops_on_an_inconsistent_system_with_a_least_squares_answer(x64):
+    # Paige–Saunders test 2: b has a part in A's null space, so no x solves A x = b; MINRES stops when
+    # ‖A r‖ ≤ rtol·‖A‖·‖r‖ (checked on the true residual) instead of running to its step cap, and says so
+    for kind in ("singular", "indefinite"):
+        A, b = matrix("singular")
+        if kind == "indefinite":  # a singular indefinite A: flip the sign of part of the spectrum
+            w, V = np.linalg.eigh(A)
+            A = V @ np.diag(np.where(np.arange(w.size) % 3 == 0, -w, w)) @ V.T
+        A, b = jnp.asarray(A), jnp.asarray(b)
+        sol = solvers.MINRES(max_steps=400)(lambda v: A @ v, b)
+        assert sol.failure_names() == "inconsistent" and not bool(sol.converged), kind
+        assert int(sol.num_steps) < 100, int(sol.num_steps)  # not the step cap
+        r = b - A @ sol.value
+        norm = float(jnp.linalg.norm(A, 2))
+        assert float(jnp.linalg.norm(A @ r)) <= 1.5e-8 * norm * float(jnp.linalg.norm(r))
+        # a least-squares solution: A x is b's projection onto A's range (to κ·√eps, the best
+        # MINRES certifies before its iterate drifts along the null space; see _least_squares_rtol)
+        assert rel_err(A @ sol.value, A @ (jnp.linalg.pinv(A) @ b)) < 1e-6
+        assert float(sol.residual_norm) == pytest.approx(float(jnp.linalg.norm(r)), rel=1e-6)
+        assert float(sol.backward_error) <= np.sqrt(np.finfo(np.float64).eps)  # ‖A r‖ / (‖A‖ ‖r‖), see Solution
+    # the default's fallback ends there too, and the warning says what it means
+    op = solvers.LinearOperator(lambda v: A @ v, symmetric=True, like=b)
+    auto = solvers.auto()
+    many = auto.compute_many(auto.init(op), jnp.stack([b, 2 * b] * 4))
+    assert set(many.failure_names()) == {"inconsistent"}
+    with pytest.warns(RuntimeWarning, match="inconsistent: 8.*least-squares solutions"):
+        solvers.warn_failures("influence_scores", many)
+
+
+def test_every_solver_reports_a_backward_error_that_is_never_optimistic(x64):
+    # η = ‖r‖ / (‖A‖ ‖x‖ + ‖b‖) with the solver's estimate of ‖A‖ from below (MINRES: ‖T_k‖_F ≤ ‖A‖_F):
+    # between the values with the Frobenius norm and with ‖A x‖ / ‖x‖, exact for Dense, ≤ rtol when
+    # converged (‖r‖ ≤ rtol ‖b‖), and close to the 2-norm value where the estimate is good
+    A, b = map(jnp.asarray, matrix("spd"))
+    B = jnp.stack([b, jnp.roll(b, 3), b[::-1]])
+    op = solvers.LinearOperator(lambda v: A @ v, symmetric=True, psd=True, like=b)
+    two, frobenius = float(jnp.linalg.norm(A, 2)), float(jnp.linalg.norm(A))
+    for solver in [solvers.CG(), solvers.MINRES(), solvers.LSMR(), solvers.LSTSQ(), solvers.BlockCG(),
+                   solvers.Dense(), solvers.LiSSA(num_steps=50, rtol=1.0), solvers.Richardson(max_steps=50)]:
+        sols = solver.compute_many(solver.init(op), B)
+        name = type(solver).__name__
+        for x, rhs, eta, ok in zip(sols.value, B, sols.backward_error, sols.converged):
+            if name in ("LSMR", "LSTSQ", "Richardson"):  # the normal system A² x = A b
+                M, rhs = A @ A, A @ rhs
+            else:
+                M = A
+            r, xn, bn = float(jnp.linalg.norm(rhs - M @ x)), float(jnp.linalg.norm(x)), float(jnp.linalg.norm(rhs))
+            m2, mf = (two, frobenius) if M is A else (two**2, float(jnp.linalg.norm(M)))
+            low, high = r / (mf * xn + bn), r / (float(jnp.linalg.norm(M @ x)) * 1 + bn)
+            assert low * (1 - 1e-6) <= float(eta) <= high * (1 + 1e-6), (name, low, float(eta), high)
+            if name == "Dense":
+                assert float(eta) == pytest.approx(r / (m2 * xn + bn), rel=1e-6)
+            if name in ("CG", "BlockCG", "MINRES"):  # Krylov estimates of ‖A‖ within a few times
+                assert float(eta) <= 4 * r / (m2 * xn + bn), (name, float(eta), r / (m2 * xn + bn))
+            if bool(ok) and name not in ("LiSSA", "Richardson"):  # default rtol: ‖r‖ ≤ rtol ‖b‖
+                assert float(eta) <= solvers.default_rtol(jnp.float64) * (1 + 1e-6), (name, float(eta))
+
+
 def test_lsmr_solves_least_squares_and_min_norm(x64):
     rng = np.random.default_rng(3)
     A = rng.normal(size=(30, 12)) @ np.diag(np.logspace(0, 1.5, 12))
