@@ -132,6 +132,11 @@ def render(payload: dict) -> str:
           "drawn from the seed.", ""]
     ret = _pm([b["retrained"]["f1"] for b in baselines])
     iff = _pm([b["if"]["f1"] for b in baselines])
+    if any("classifier_rows" not in r for r in runs):
+        md += ["**Measured on 2026-11-29 and not re-run since** (selection, tasks and estimators "
+               "changed after it, their defaults kept): this payload predates the classifier-row "
+               "column; `python -m benchmarks.selection_rules "
+               "--seeds 0 1 2 3 4` re-measures it (about 21 min on 2 cores).", ""]
     md += [f"References: **retrained F1 {ret}**; **IF on all parameters F1 {iff}**.", "",
            "## Test F1", ""]
     header = ["selection", *(NAMES[m] for m in MASKED), "mean of the three", "best estimator",
