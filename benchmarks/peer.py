@@ -300,7 +300,7 @@ def run_job(peer, name, hidden, wd, x, y, x_test, y_test, *, train_steps, reps, 
     return out
 
 
-def run_krylov_job(peer, hidden, wd, x, y, x_test, y_test, *, train_steps, reps, batch_size):
+def run_krylov_job(peer, hidden, wd, x, y, x_test, y_test, *, train_steps, reps, batch_size, skip=()):
     """The same influence matrix by every iterative configuration of both libraries, vs a dense reference.
 
     A tanh MLP big enough that nobody would solve it densely in practice
@@ -345,10 +345,12 @@ def run_krylov_job(peer, hidden, wd, x, y, x_test, y_test, *, train_steps, reps,
     n = len(y_test)
     cont = lambda **kw: solvers.BlockCG(negative_curvature="continue", **kw)  # noqa: E731
     configs = [
-        ("gifjax", 'default (solver="auto", chunks of 16)', gif("auto", 16)),
+        ("gifjax", 'default (solver="auto", test_chunk_size=None)', gif("auto", None)),
+        ("gifjax", 'default, chunks of 16', gif("auto", 16)),
         ("gifjax", 'BlockCG(negative_curvature="continue"), one block', gif(cont(), n)),
         ("gifjax", 'BlockCG(negative_curvature="continue", rtol=1e-6), one block', gif(cont(rtol=1e-6), n)),
         ("gifjax", 'BlockCG(negative_curvature="continue", rtol=1e-4), one block', gif(cont(rtol=1e-4), n)),
+        ("gifjax", 'BlockCG(negative_curvature="continue", rtol=1e-3), one block', gif(cont(rtol=1e-3), n)),
         ("gifjax", 'BlockCG(negative_curvature="continue"), chunks of 16', gif(cont(), 16)),
         ("gifjax", "MINRES (vmap), chunks of 16", gif("minres", 16)),
         ("gifjax", "CG (vmap), chunks of 16", gif("cg", 16)),
@@ -371,6 +373,9 @@ def run_krylov_job(peer, hidden, wd, x, y, x_test, y_test, *, train_steps, reps,
     ]
     rows = []
     for library, label, job in configs:
+        if label in skip:
+            print(f"  {library:6s} {label:55s} skipped (--skip)", flush=True)
+            continue
         # a configuration slower than a minute is timed by its first call alone (compilation
         # included: a few seconds of gifjax's); the others by the median of `reps` more calls
         first = time.perf_counter()
@@ -392,7 +397,7 @@ def run_krylov_job(peer, hidden, wd, x, y, x_test, y_test, *, train_steps, reps,
             "n_train": len(y), "n_test": n, "damping": wd, "train_grad_norm": grad_norm, "lambda_max": lam_max,
             "reference_s": reference_s, "reps": reps,
             "direct_vs_reference": float(np.linalg.norm(direct - reference) / np.linalg.norm(reference)),
-            "rows": rows, "fastest_accurate": best, "pydvl_over_gifjax_at_1e-4": ratio}
+            "rows": rows, "skipped": sorted(skip), "fastest_accurate": best, "pydvl_over_gifjax_at_1e-4": ratio}
 
 
 def krylov_markdown(k: dict) -> str:
@@ -411,6 +416,7 @@ def krylov_markdown(k: dict) -> str:
             "after a first call, or the first call alone where it took over a minute (gifjax: one jitted "
             "call, compilation in the first call; pyDVL: fit + influences).\n\n"
             + common.table(["library", "configuration", "wall s", "first call s", "rel. error", "converged"], rows)
+            + (f"\n\nNot run this time (`--skip`): {', '.join(k['skipped'])}." if k.get("skipped") else "")
             + f"\n\n{verdict}.")
 
 
@@ -464,13 +470,19 @@ def markdown(results: dict) -> str:
         "`torch.linalg.solve` (LU); the last two columns time `lstsq` (SVD) and LU once on "
         "gifjax's H with as many right-hand sides as test points, for reference. "
         "2 shared CPU cores: single runs can vary by up to 3× under load. "
-        f"Total runtime {results['runtime_s']:.0f} s.")
+        f"Total runtime {results['runtime_s']:.0f} s."
+        + (f" These exact jobs are from the run of {results['exact_jobs_from']}; the iterative job below "
+           "was re-run alone (`--iterative-only`)." if results.get("exact_jobs_from") else ""))
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller data and model, fewer repetitions")
     parser.add_argument("--render", action="store_true", help="only rewrite peer.md from peer.json")
+    parser.add_argument("--iterative-only", action="store_true",
+                        help="run only the iterative job; keep the exact jobs of the existing peer.json")
+    parser.add_argument("--skip", nargs="*", default=[], metavar="LABEL",
+                        help="configurations of the iterative job not to run (their table labels)")
     args = parser.parse_args(argv)
     if args.render:
         results = json.loads((common.RESULTS / "peer.json").read_text())
@@ -498,13 +510,17 @@ def main(argv=None) -> int:
                "convention": "I_gifjax[i, j] = -P_pydvl[j, i] (pyDVL mode='up' has no minus sign, "
                              "layout [test, train]); pyDVL regularization = wd = L2 of the "
                              "gifjax objective", "jobs": []}
+    if args.iterative_only:  # the exact jobs stay those of the last full run
+        old = json.loads((common.RESULTS / "peer.json").read_text())
+        results.update({key: old[key] for key in ("jobs", "reps", "runtime_s") if key in old},
+                       exact_jobs_from=old.get("environment", {}).get("time", "an earlier run"))
     with jax.enable_x64(True):
         x_all, y_all = common.digits()
         x_all = x_all.reshape(len(x_all), -1).astype(np.float64)
         x, y = jnp.asarray(x_all[:n_train]), jnp.asarray(y_all[:n_train])
         x_test = jnp.asarray(x_all[n_train:n_train + n_test])
         y_test = jnp.asarray(y_all[n_train:n_train + n_test])
-        for name, h in jobs:
+        for name, h in ([] if args.iterative_only else jobs):
             r = run_job(peer, name, h, wd, x, y, x_test, y_test, train_steps=200 if quick else 500,
                         reps=reps, batch_size=results["batch_size"])
             results["jobs"].append(r)
@@ -520,8 +536,10 @@ def main(argv=None) -> int:
                                            jnp.asarray(x_all[k_train:k_train + k_test]),
                                            jnp.asarray(y_all[k_train:k_train + k_test]),
                                            train_steps=200 if quick else 500, reps=1 if quick else 2,
-                                           batch_size=results["batch_size"])
-    results["runtime_s"] = time.perf_counter() - t_start
+                                           batch_size=results["batch_size"], skip=set(args.skip))
+    results["krylov"]["runtime_s"] = time.perf_counter() - t_start
+    if not args.iterative_only:
+        results["runtime_s"] = results["krylov"]["runtime_s"]
 
     md = markdown(results) + "\n\n" + krylov_markdown(results["krylov"])
     path = common.write("peer", results, md)

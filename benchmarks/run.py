@@ -63,7 +63,7 @@ BENCHMARKS = [
     _bench("core"),
     _bench("selection_bench", "selection"),
     _bench("lowrank"),
-    _bench("solvers"),
+    _bench("solvers", "solvers", "solver_cases"),
     _bench("memory"),
     _bench("precision"),
     _bench("parallel"),

@@ -2,6 +2,10 @@
 
     python -m benchmarks.solvers [--quick]
 
+``--cases``: the further cases of :data:`CASES` only (float32, an indefinite
+H + λI, GIF at 5 %, a 57k-parameter CNN), written to results/solver_cases.*;
+without it the main table below, its residual-against-HVPs plot, then the cases.
+
 The digits MLP of ``benchmarks.lowrank`` (64→256→64→10, tanh, ~34k
 parameters, optax-trained), in float64, IF adjoint solves s_j = (H + λI)⁻¹
 ∇ℓ(test_j) for Q test points at λ = 2·|λ_min|, every solver asked for the
@@ -22,6 +26,7 @@ images, Q ≤ 64. Writes benchmarks/results/solvers.json and solvers.md.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import jax
@@ -31,7 +36,7 @@ import numpy as np
 import gifjax
 from gifjax import preconditioners, solvers, spectrum
 
-from .common import median_time, table, write
+from .common import RESULTS, digits, median_time, table, write
 from .core import num_params
 from .lowrank import rel, trained_digits_mlp
 
@@ -53,7 +58,16 @@ def configurations():
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller data, Q ≤ 64")
-    quick = parser.parse_args(argv).quick
+    parser.add_argument("--cases", nargs="*", choices=sorted(CASES), default=None,
+                        help="run these further cases (no names: all) instead of the main table; "
+                             "writes results/solver_cases.*")
+    parser.add_argument("--curves", action="store_true",
+                        help="only the residual-against-HVPs curves of the main table's solvers (Q = 16): "
+                             "results/solvers_residuals.png, and the curves into solvers.json")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    if args.cases is not None:
+        return cases_main(args.cases or list(CASES), quick)
     jax.config.update("jax_enable_x64", True)
     t_start = time.perf_counter()
     queries = (1, 16, 64) if quick else (1, 16, 256)
@@ -78,8 +92,14 @@ def main(argv=None):
 
     qmax = max(queries)
     ex_all = (x_test[:qmax], y_test[:qmax])
-    reference = flat(jax.jit(lambda ex: solve_all(solvers.BlockCG(rtol=1e-11, max_steps=5000), ex))(ex_all).value)
     G_all = flat(grads(params, ex_all))
+    if args.curves:
+        path = RESULTS / "solvers.json"
+        out = json.loads(path.read_text())
+        out["residual_curves"] = residual_curves(solve_all, G_all, damped, flat, x_test, y_test, 16)
+        path.write_text(json.dumps(out, indent=2, default=float) + "\n")
+        return None
+    reference = flat(jax.jit(lambda ex: solve_all(solvers.BlockCG(rtol=1e-11, max_steps=5000), ex))(ex_all).value)
 
     results, rows = {}, []
     for name, (solver, build_hvps) in configurations().items():
@@ -102,6 +122,7 @@ def main(argv=None):
                   f"{entry['ms_per_query']:9.1f} ms/query, residual {residual.max():.2e}, "
                   f"error {entry['relative_error']:.2e}, converged {entry['converged']}", flush=True)
 
+    curves = residual_curves(solve_all, G_all, damped, flat, x_test, y_test, 16)
     base = results["CG (vmap)"]
     best = min((n for n in results if n != "CG (vmap)"), key=lambda n: results[n][str(qmax)]["ms_per_query"])
     b = results[best][str(qmax)]
@@ -111,7 +132,7 @@ def main(argv=None):
     targets["meets_10x_fewer_hvps"] = targets["hvp_ratio_vs_vmapped_cg"] >= 10
     targets["meets_one_fifth_of_cg_q1_time"] = targets["ms_per_query_over_cg_q1"] <= 0.2
     out = {"quick": quick, "params": num_params(params), "n_train": len(y), "damping": damping,
-           "rtol": RTOL, "results": results, "targets": targets,
+           "rtol": RTOL, "results": results, "targets": targets, "residual_curves": curves,
            "runtime_s": time.perf_counter() - t_start}
     md = "\n\n".join([
         "## Many-query solvers (issue 12)",
@@ -126,10 +147,218 @@ def main(argv=None):
         f"time of CG at Q = 1 (target ≤ 0.2).",
         "`solver=\"auto\"` (the default) is block CG on this positive-definite system; it hands a "
         "query to MINRES only where block CG has not certified it within 300 block steps.",
+        "![median true relative residual against HVPs per query, Q = 16](solvers_residuals.png)",
     ])
     write("solvers", out, md)
     print(md)
+    cases_main(list(CASES), quick)
 
+
+def residual_curves(solve_all, G_all, damped, flat, x_test, y_test, q, budgets=(2, 4, 8, 16, 32, 64, 128)):
+    """Median and max true relative residual against HVPs per query, each solver capped at ``budgets`` steps.
+
+    One solve per cap (``restarts=0``: the cap is the whole budget), Q = ``q``; plotted to
+    results/solvers_residuals.png.
+    """
+    import dataclasses
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ex, curves = (x_test[:q], y_test[:q]), {}
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, (solver, build_hvps) in configurations().items():
+        points = []
+        for steps in budgets:
+            capped = dataclasses.replace(solver, max_steps=steps, restarts=0)
+            sol = jax.jit(lambda ex, s=capped: solve_all(s, ex))(ex)
+            residual = np.asarray(jnp.linalg.norm(G_all[:q] - flat(damped(sol.value)), axis=1)
+                                  / jnp.linalg.norm(G_all[:q], axis=1))
+            points.append({"max_steps": steps, "hvps_per_query": float(jnp.mean(sol.num_matvecs)) + build_hvps / q,
+                           "median_residual": float(np.median(residual)), "max_residual": float(residual.max())})
+        curves[name] = points
+        ax.loglog([p["hvps_per_query"] for p in points], [p["median_residual"] for p in points], "o-", label=name)
+        print(f"curve {name}: " + ", ".join(f"{p['hvps_per_query']:.0f}→{p['median_residual']:.1e}"
+                                            for p in points), flush=True)
+    ax.axhline(RTOL, color="gray", lw=0.8, ls="--")
+    ax.set_xlabel("HVPs per query")
+    ax.set_ylabel("median true relative residual")
+    ax.set_title(f"IF adjoint solves, digits MLP, Q = {q}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    fig.savefig(RESULTS / "solvers_residuals.png", dpi=120)
+    plt.close(fig)
+    return curves
+
+
+# ----------------------------------------------------------------------------- more cases
+
+
+#: The issue's further cases, each on a model × dtype × estimator × damping: solvers by form,
+#: vmapped ones at Q ∈ {1, 16} (their HVPs per query do not depend on Q: 98 / 97.7 / 97.6 above),
+#: block ones and the default at Q ∈ {1, 16, 256}.
+#: ``block_q``: the largest Q where Q = 256 would take more than ~10 minutes on this machine (GIF's
+#: normal equations take ~3× the products of IF; the indefinite case's float64 reference falls back
+#: to MINRES, thousands of steps per query; the CNN's float64 reference at Q = 256 ran over 12 min).
+CASES = {
+    "mlp-f32-if": dict(model="mlp", dtype="float32", method="if", damping=2.0),
+    "mlp-f64-if-indefinite": dict(model="mlp", dtype="float64", method="if", damping=0.1, block_q=16),
+    "mlp-f64-gif5": dict(model="mlp", dtype="float64", method="gif", damping=2.0, block_q=64),
+    "cnn-f32-if": dict(model="cnn", dtype="float32", method="if", damping=2.0, block_q=64),
+    "cnn-f64-if": dict(model="cnn", dtype="float64", method="if", damping=2.0, block_q=16),
+}
+CNN_FEATURES = (64, 96)   # 57k parameters on 8×8 digits
+CNN_HESSIAN = 300         # training images in the CNN's Hessian (one HVP ≈ 3 GFLOP)
+
+
+def case_solvers(method):
+    """name → (solver, vmapped?) for a case; ``rtol=None``: the dtype's default tolerance."""
+    if method == "gif":  # "auto": LSTSQ below 8 queries, else block CG on the normal system (+ LSTSQ)
+        return {"LSTSQ (vmap)": (solvers.LSTSQ(max_steps=3000), True),
+                "LSMR (vmap)": (solvers.LSMR(max_steps=3000), True),
+                "block CG (normal eq.)": (solvers.BlockCG(max_steps=3000), False),
+                "auto": ("auto", False)}
+    return {"CG (vmap)": (solvers.CG(max_steps=3000), True),
+            "MINRES (vmap)": (solvers.MINRES(max_steps=3000), True),
+            "block CG (continue)": (solvers.BlockCG(max_steps=3000, negative_curvature="continue"), False),
+            "auto": ("auto", False)}
+
+
+def trained_cnn(quick):
+    """The digits CNN of width CNN_FEATURES (8×8×1 inputs), Adam-trained; its Hessian data."""
+    from gifjax.experiments import models, train
+    x_all, y_all = jnp.asarray(digits()[0]).reshape(-1, 8, 8, 1), jnp.asarray(digits()[1])
+    n_train = 600 if quick else 1200
+    model = models.create("cnn", 10, features=CNN_FEATURES)
+    fit = train.fit(model, x_all[:n_train], y_all[:n_train], epochs=5 if quick else 20, learning_rate=3e-3,
+                    weight_decay=1e-3, progress=False)
+    loss = models.make_loss_fn(model, fit.variables, weight_decay=1e-3)
+    h = CNN_HESSIAN // (2 if quick else 1)
+    return model, fit.variables["params"], loss, (x_all[:h], y_all[:h]), (x_all[n_train:], y_all[n_train:])
+
+
+def run_case(name, spec, quick, cache):
+    """One case: every solver × Q, against a float64 reference of the same problem."""
+    dtype = jnp.dtype(spec["dtype"])
+    if spec["model"] not in cache:
+        if spec["model"] == "mlp":
+            (x, y), test, (model, params, loss) = trained_digits_mlp(quick)
+        else:
+            model, params, loss, (x, y), test = trained_cnn(quick)
+        cache[spec["model"]] = model, params, loss, (x, y), test
+    model, params, loss, (x, y), (x_test, y_test) = cache[spec["model"]]
+    cast = lambda t, dt: jax.tree_util.tree_map(lambda a: jnp.asarray(a, dt), t)  # noqa: E731
+    example_loss = lambda p, ex: loss(p, ex[0][None], ex[1][None])  # noqa: E731
+    with jax.enable_x64(True):
+        p64, x64 = cast(params, jnp.float64), jnp.asarray(x, jnp.float64)
+        lam_min = float(spectrum.eigenvalues(loss, p64, x64, y, k=1, which="smallest", num_steps=80).values[0])
+        damping = spec["damping"] * abs(lam_min)
+        mask = None
+        if spec["method"] == "gif":
+            scores = gifjax.selection.activation_scores(model, {"params": params}, x)
+            mask = gifjax.selection.select(params, scores, 0.05)
+        queries = (1, 16, 64) if quick else (1, 16, spec.get("block_q", 256))
+        queries = tuple(q for q in queries if q <= spec.get("block_q", 256))
+        qmax = max(queries)
+        ex_all = (jnp.asarray(x_test[:qmax], jnp.float64), y_test[:qmax])
+        tight = (solvers.BlockCG(rtol=1e-11, max_steps=5000) if spec["method"] == "gif" else
+                 solvers.Fallback(solvers.BlockCG(rtol=1e-11, max_steps=3000, negative_curvature="continue"),
+                                  solvers.MINRES(rtol=1e-11, max_steps=3000),
+                                  on=("indefinite", "max_steps", "precision", "nonfinite")))
+        ref = gifjax.estimators.adjoint_solves(loss, p64, example_loss, ex_all, x64, y, method=spec["method"],
+                                               mask=mask, solver=tight, damping=damping, test_chunk_size=qmax,
+                                               progress=False).solution
+        flat = jax.vmap(lambda t: jax.flatten_util.ravel_pytree(t)[0])
+        reference, ref_ok = np.asarray(flat(ref.value)), bool(jnp.all(ref.converged))
+    print(f"{name}: λ_min = {lam_min:.4g}, λ = {damping:.4g}, reference converged: {ref_ok}", flush=True)
+    with jax.enable_x64(dtype == jnp.float64):
+        return _case_table(spec, dtype, queries, mask, damping, loss, example_loss, cast(params, dtype),
+                           jnp.asarray(x, dtype), y, x_test, y_test, reference, flat,
+                           {"params": num_params(params), "n_hessian": len(y), "lambda_min": lam_min,
+                            "damping": damping, "reference_converged": ref_ok})
+
+
+def _case_table(spec, dtype, queries, mask, damping, loss, example_loss, params_d, x_d, y, x_test, y_test,
+                reference, flat, out):
+    results = {}
+    for solver_name, (solver, vmapped) in case_solvers(spec["method"]).items():
+        for q in queries:
+            if vmapped and q > 16:
+                continue
+            ex = (jnp.asarray(x_test[:q], dtype), y_test[:q])
+            # data and parameters are arguments, not constants XLA would fold at compile time
+            call = lambda p, data, ex, solver=solver: gifjax.estimators.adjoint_solves(  # noqa: E731
+                loss, p, example_loss, ex, *data, method=spec["method"], mask=mask, solver=solver,
+                damping=damping, test_chunk_size=q, progress=False).solution
+            args = (params_d, (x_d, y), ex)
+            run = jax.jit(call).lower(*args).compile()
+            t0 = time.perf_counter()
+            sol = jax.block_until_ready(run(*args))
+            seconds = time.perf_counter() - t0  # a call over 30 s is timed once, compiled beforehand
+            if seconds < 30:
+                seconds = median_time(run, *args, warmup=0, reps=1 if q >= 16 else 3)
+            S = np.asarray(flat(sol.value), np.float64)
+            entry = {"hvps_per_query": float(jnp.mean(sol.num_matvecs)), "ms_per_query": 1e3 * seconds / q,
+                     "relative_error": rel(S, reference[:q]), "converged": int(jnp.sum(sol.converged)),
+                     "max_backward_error": float(jnp.max(sol.backward_error)),
+                     "failures": sorted(set(map(str, np.atleast_1d(sol.failure_names()))) - {"none"})}
+            results.setdefault(solver_name, {})[str(q)] = entry
+            print(f"  {solver_name:24s} Q={q:4d}: {entry['hvps_per_query']:7.1f} HVPs/query "
+                  f"{entry['ms_per_query']:9.1f} ms/query, error {entry['relative_error']:.2e}, "
+                  f"η ≤ {entry['max_backward_error']:.1e}, converged {entry['converged']}/{q} "
+                  f"{entry['failures']}", flush=True)
+    return {**out, "results": results}
+
+
+def cases_main(names, quick):
+    """Run the named :data:`CASES`; writes results/solver_cases.{json,md} after each.
+
+    Cases of an earlier run (same ``quick``) that are not named stay in the results, each with
+    the time it was measured: the cases are separate comparisons, each within one run.
+    """
+    path = RESULTS / "solver_cases.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    out = {k: v for k, v in old.get("cases", {}).items() if old.get("quick") == quick and k not in names}
+    cache = {}
+    for name in names:
+        t_start = time.perf_counter()
+        out[name] = run_case(name, CASES[name], quick, cache)
+        out[name].update(minutes=(time.perf_counter() - t_start) / 60, measured=time.strftime("%Y-%m-%d %H:%M"))
+        _write_cases(quick, out)
+
+
+def _case_rows(c):
+    return [[solver, int(q), e["hvps_per_query"], e["ms_per_query"], e["relative_error"], e["max_backward_error"],
+             f"{e['converged']}/{q}", ", ".join(e["failures"]) or "—"]
+            for solver, by_q in c["results"].items() for q, e in by_q.items()]
+
+
+def _write_cases(quick, out):
+    parts = []
+    for name, c in out.items():
+        spec = CASES[name]
+        gif = " at 5 % (highest outputs)" if spec["method"] == "gif" else ""
+        parts += [f"### {name}: {spec['model']} ({c['params']} parameters, {c['n_hessian']} Hessian images), "
+                  f"{spec['dtype']}, {spec['method'].upper()}{gif}, λ = {spec['damping']:g}·|λ_min| = "
+                  f"{c['damping']:.3g}" + ("" if c["reference_converged"] else
+                                           " (the float64 reference did not converge everywhere)"),
+                  f"Measured {c.get('measured', '')} in {c.get('minutes', float('nan')):.1f} min.",
+                  table(["solver", "Q", "HVPs / query", "ms / query", "rel. error vs float64 reference",
+                         "max backward error", "converged", "failures"], _case_rows(c))]
+    md = "\n\n".join([
+        "## Many-query solvers: more cases (issue 12)",
+        f"Generated by `python -m benchmarks.solvers --cases NAME ...{' --quick' if quick else ''}` "
+        "(a run keeps the cases it does not name). "
+        "Each solver at its dtype's default tolerance (`rtol=None`: float64 1e-10, float32 1e-4; "
+        "LSTSQ/LSMR on GIF's normal residual: 1e-5 in float32); error against a float64 solve at rtol "
+        "1e-11; backward error: `Solution.backward_error` (Paige–Saunders, never optimistic). Vmapped "
+        "solvers run at Q ≤ 16 only: their HVPs per query do not depend on Q, and their time per query "
+        "only grows with it (see the table above). ‘indefinite’: λ = |λ_min|/10, so H + λI has negative "
+        "eigenvalues; CG stops there by design."] + parts)
+    write("solver_cases", {"quick": quick, "cases": out}, md)
+    print(md, flush=True)
 
 if __name__ == "__main__":
     main()

@@ -350,7 +350,8 @@ def influence(loss_fn: Callable, params, g, *args, mask=None, method: str = "gif
       method: ``"if"``, ``"pif"``, ``"fif"`` or ``"gif"`` (static).
       solver: ``"auto"`` (if/pif/fif: MINRES for fewer than 8 queries, block
         CG with a MINRES fallback for a chunk of 8 or more — see
-        ``gifjax.solvers.AUTO``; LSTSQ for gif; step caps lowered to keep
+        ``gifjax.solvers.AUTO``; for gif LSTSQ, or block CG on the normal
+        system with an LSTSQ fallback for 8 or more; step caps lowered to keep
         the call within ``gifjax.solvers.AUTO_FLOP_BUDGET``, see
         ``gifjax.solvers.auto``), a name from
         ``gifjax.solvers.SOLVERS``, or a configured value such as
