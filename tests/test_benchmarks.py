@@ -345,6 +345,8 @@ def test_tasks_mnist_extension_grid_and_verdict_chain():
                  ("0.05/lowest/rule", "gif"), ("0.02/outputs/rule", "gif"),
                  ("0.1/outputs/rule", "gif"), ("0.3/outputs/rule", "gif")):
         assert pair in ext
+    assert _wanted(GRIDS["chain"]) == [("all", "if")] + [(f"0.05/{rule}/rule", "gif")
+                                                         for rule in ("outputs", "random", "lowest")]
     unit = {"runs": [{"setting": s, "method": m} for s, m in ext[:-1]]}
     assert _missing(unit, GRIDS["extension"]) == [ext[-1]]
 
