@@ -158,16 +158,11 @@ def residual_curves(solve_all, G_all, damped, flat, x_test, y_test, q, budgets=(
     """Median and max true relative residual against HVPs per query, each solver capped at ``budgets`` steps.
 
     One solve per cap (``restarts=0``: the cap is the whole budget), Q = ``q``; plotted to
-    results/solvers_residuals.png.
+    results/solvers_residuals.png after each solver.
     """
     import dataclasses
 
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ex, curves = (x_test[:q], y_test[:q]), {}
-    fig, ax = plt.subplots(figsize=(6, 4))
     for name, (solver, build_hvps) in configurations().items():
         points = []
         for steps in budgets:
@@ -178,9 +173,21 @@ def residual_curves(solve_all, G_all, damped, flat, x_test, y_test, q, budgets=(
             points.append({"max_steps": steps, "hvps_per_query": float(jnp.mean(sol.num_matvecs)) + build_hvps / q,
                            "median_residual": float(np.median(residual)), "max_residual": float(residual.max())})
         curves[name] = points
-        ax.loglog([p["hvps_per_query"] for p in points], [p["median_residual"] for p in points], "o-", label=name)
         print(f"curve {name}: " + ", ".join(f"{p['hvps_per_query']:.0f}→{p['median_residual']:.1e}"
                                             for p in points), flush=True)
+        plot_curves(curves, q)
+    return curves
+
+
+def plot_curves(curves, q):
+    """results/solvers_residuals.png: median true relative residual against HVPs per query."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, points in curves.items():
+        ax.loglog([p["hvps_per_query"] for p in points], [p["median_residual"] for p in points], "o-", label=name)
     ax.axhline(RTOL, color="gray", lw=0.8, ls="--")
     ax.set_xlabel("HVPs per query")
     ax.set_ylabel("median true relative residual")
@@ -190,7 +197,6 @@ def residual_curves(solve_all, G_all, damped, flat, x_test, y_test, q, budgets=(
     RESULTS.mkdir(parents=True, exist_ok=True)
     fig.savefig(RESULTS / "solvers_residuals.png", dpi=120)
     plt.close(fig)
-    return curves
 
 
 # ----------------------------------------------------------------------------- more cases
@@ -201,12 +207,12 @@ def residual_curves(solve_all, G_all, damped, flat, x_test, y_test, q, budgets=(
 #: block ones and the default at Q ∈ {1, 16, 256}.
 #: ``block_q``: the largest Q where Q = 256 would take more than ~10 minutes on this machine (GIF's
 #: normal equations take ~3× the products of IF; the indefinite case's float64 reference falls back
-#: to MINRES, thousands of steps per query; the CNN's float64 reference at Q = 256 ran over 12 min).
+#: to MINRES, thousands of steps per query; the CNN's float64 reference at Q = 64 ran over 20 min).
 CASES = {
     "mlp-f32-if": dict(model="mlp", dtype="float32", method="if", damping=2.0),
     "mlp-f64-if-indefinite": dict(model="mlp", dtype="float64", method="if", damping=0.1, block_q=16),
     "mlp-f64-gif5": dict(model="mlp", dtype="float64", method="gif", damping=2.0, block_q=64),
-    "cnn-f32-if": dict(model="cnn", dtype="float32", method="if", damping=2.0, block_q=64),
+    "cnn-f32-if": dict(model="cnn", dtype="float32", method="if", damping=2.0, block_q=16),
     "cnn-f64-if": dict(model="cnn", dtype="float64", method="if", damping=2.0, block_q=16),
 }
 CNN_FEATURES = (64, 96)   # 57k parameters on 8×8 digits
@@ -260,12 +266,12 @@ def run_case(name, spec, quick, cache):
             scores = gifjax.selection.activation_scores(model, {"params": params}, x)
             mask = gifjax.selection.select(params, scores, 0.05)
         queries = (1, 16, 64) if quick else (1, 16, spec.get("block_q", 256))
-        queries = tuple(q for q in queries if q <= spec.get("block_q", 256))
+        queries = tuple(sorted({q for q in queries if q <= spec.get("block_q", 256)}))
         qmax = max(queries)
         ex_all = (jnp.asarray(x_test[:qmax], jnp.float64), y_test[:qmax])
         tight = (solvers.BlockCG(rtol=1e-11, max_steps=5000) if spec["method"] == "gif" else
                  solvers.Fallback(solvers.BlockCG(rtol=1e-11, max_steps=3000, negative_curvature="continue"),
-                                  solvers.MINRES(rtol=1e-11, max_steps=3000),
+                                  solvers.MINRES(rtol=1e-11, max_steps=1000),
                                   on=("indefinite", "max_steps", "precision", "nonfinite")))
         ref = gifjax.estimators.adjoint_solves(loss, p64, example_loss, ex_all, x64, y, method=spec["method"],
                                                mask=mask, solver=tight, damping=damping, test_chunk_size=qmax,
