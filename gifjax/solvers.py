@@ -1122,9 +1122,10 @@ def _block_cg(A, Minv, B, tol, max_steps, stop_indefinite):
         rnorm = _row_norms(r_new)
         # a column that met its tolerance stays in the block while others go on: its HVPs are paid
         # for anyway (fixed shapes), and its directions keep enlarging the shared Krylov space. Its
-        # residual is not monotone (CG minimises the A-norm error), so it counts as done only while
-        # it stays below the tolerance: the block stops when all columns are there at once
-        still = rnorm > tol
+        # residual is not monotone (CG minimises the A-norm error) and may end above the tolerance
+        # again: the refinement rounds of _block_cg_refined certify it. (Counting a column done only
+        # while below the tolerance instead made the peer job's chunks of 16 stagnate: 80 of 100.)
+        still = active & (rnorm > tol)
         z = Minv(r_new) * (rnorm > floor)[:, None]
         beta = -mm(Ginv, mm(ap, z.T))                # [s, Q]
         p_new, keep_new = orthonormal(z + mm(beta.T, p))

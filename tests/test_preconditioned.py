@@ -313,7 +313,9 @@ def test_block_cg_follows_one_path_whatever_the_tolerance_and_names_a_spent_budg
     op = solvers.LinearOperator(lambda v: A @ v, symmetric=True, psd=True, like=B[0])
     steps = []
     for rtol in (1e-2, 1e-4, 1e-6, 1e-9):
-        s = solvers.BlockCG(rtol=rtol, restarts=0)
+        # one refinement round: a column's CG residual is not monotone and may end above the
+        # tolerance it met (rounding-dependent); the true-residual round certifies it
+        s = solvers.BlockCG(rtol=rtol, restarts=1)
         sol = jax.jit(lambda B: s.compute_many(s.init(op), B))(B)
         true = jnp.linalg.norm(B - sol.value @ A, axis=1)
         assert bool(jnp.all(sol.converged)) and bool(jnp.all(true <= rtol * jnp.linalg.norm(B, axis=1)))
