@@ -512,7 +512,8 @@ def main(argv=None) -> int:
                              "gifjax objective", "jobs": []}
     if args.iterative_only:  # the exact jobs stay those of the last full run
         old = json.loads((common.RESULTS / "peer.json").read_text())
-        results.update({key: old[key] for key in ("jobs", "reps", "runtime_s") if key in old},
+        results.update({key: old[key] for key in ("jobs", "reps", "runtime_s", "torch", "torch_threads", "jax")
+                        if key in old},
                        exact_jobs_from=old.get("environment", {}).get("time", "an earlier run"))
     with jax.enable_x64(True):
         x_all, y_all = common.digits()
@@ -537,7 +538,8 @@ def main(argv=None) -> int:
                                            jnp.asarray(y_all[k_train:k_train + k_test]),
                                            train_steps=200 if quick else 500, reps=1 if quick else 2,
                                            batch_size=results["batch_size"], skip=set(args.skip))
-    results["krylov"]["runtime_s"] = time.perf_counter() - t_start
+    results["krylov"].update(runtime_s=time.perf_counter() - t_start, torch=torch.__version__,
+                             torch_threads=torch.get_num_threads())
     if not args.iterative_only:
         results["runtime_s"] = results["krylov"]["runtime_s"]
 
