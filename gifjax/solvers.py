@@ -812,6 +812,9 @@ class MINRES(_Krylov):
         # phibar estimates ‖r‖_{M⁻¹}; stop on the relative reduction the 2-norm tolerance asks for
         rel = tol / jnp.maximum(_tree.norm(b), jnp.finfo(beta1.dtype).tiny)
         target = rel * beta1
+        # test 2 asks for the whole solve's rtol, not this round's rel (a refinement round starts from a
+        # residual near tol, where rel is near 1): ``_solve`` solves for b / ‖b‖, so that rtol is tol
+        least_squares_rtol = _least_squares_rtol(tol, beta1.dtype)
         zero = _tree.zeros_like(b)
         dt = beta1.dtype
         eps = jnp.finfo(dt).eps
@@ -849,7 +852,7 @@ class MINRES(_Krylov):
             # Paige–Saunders test 2: ‖A r‖ ≤ rtol·‖A‖·‖r‖ while ‖r‖ is above its tolerance means b has
             # no exact solution (A singular at this tolerance) and the last iterate x is a least-squares
             # solution (root is about its residual; the step past it only adds rounding in A's null space)
-            stuck = plain & (root <= _least_squares_rtol(rel, dt) * jnp.sqrt(tnorm2))
+            stuck = plain & (root <= least_squares_rtol * jnp.sqrt(tnorm2))
             fail = jnp.where(beta2 < 0, BREAKDOWN,   # the preconditioner is not positive definite
                              jnp.where(stuck, INCONSISTENT,
                                        jnp.where(jnp.isfinite(phibar_new) & _tree.all_finite(x_new), NONE,

@@ -92,6 +92,19 @@ def test_minres_stops_on_an_inconsistent_system_with_a_least_squares_answer(x64)
         solvers.warn_failures("influence_scores", many)
 
 
+def test_minres_refinement_rounds_reach_a_tolerance_the_first_round_missed():
+    # float32: the first round's recurrence residual meets tol while the true one ends a little above, so a
+    # refinement round starts from a residual near tol. Its test 2 must ask for the whole solve's rtol:
+    # with the round's own relative reduction (≈ 1) it fired at once and the solve ended as "precision".
+    for n, rtol in [(100, 1e-5), (40, 1e-5)]:
+        A, b = (jnp.asarray(a, jnp.float32) for a in matrix("spd", n=n))   # κ = 1e3
+        sol = solvers.MINRES(rtol=rtol, max_steps=2000)(lambda v: A @ v, b)
+        assert bool(sol.converged), (n, rtol, sol.failure_names(), int(sol.num_steps))
+        r = np.asarray(b, np.float64) - np.asarray(A, np.float64) @ np.asarray(sol.value, np.float64)
+        # certified on the float32 residual, whose own rounding is a few % of tol here
+        assert np.linalg.norm(r) <= 1.2 * rtol * np.linalg.norm(np.asarray(b, np.float64))
+
+
 def test_every_solver_reports_a_backward_error_that_is_never_optimistic(x64):
     # η = ‖r‖ / (‖A‖ ‖x‖ + ‖b‖) with the solver's estimate of ‖A‖ from below (MINRES: ‖T_k‖_F ≤ ‖A‖_F):
     # between the values with the Frobenius norm and with ‖A x‖ / ‖x‖, exact for Dense, ≤ rtol when
