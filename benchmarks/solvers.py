@@ -207,12 +207,18 @@ def plot_curves(curves, q):
 #: block ones and the default at Q ∈ {1, 16, 256}.
 #: ``block_q``: the largest Q where Q = 256 would take more than ~10 minutes on this machine (GIF's
 #: normal equations take ~3× the products of IF; the indefinite case's float64 reference falls back
-#: to MINRES, thousands of steps per query; the CNN's float64 reference at Q = 64 ran over 20 min).
+#: to MINRES, thousands of steps per query). ``reference_q``: the errors are measured on the first
+#: this many queries only (the CNN's float64 reference at Q = 64 ran over 20 min).
 CASES = {
     "mlp-f32-if": dict(model="mlp", dtype="float32", method="if", damping=2.0),
-    "mlp-f64-if-indefinite": dict(model="mlp", dtype="float64", method="if", damping=0.1, block_q=16),
+    # the reference ran 1,000 MINRES steps at rtol 1e-11 without converging: H + λI has eigenvalues
+    # near 0 here, so its reference gets a looser tolerance and more steps (and says whether it met them)
+    "mlp-f64-if-indefinite": dict(model="mlp", dtype="float64", method="if", damping=0.1, block_q=16,
+                                  reference_rtol=1e-8, reference_steps=4000),
     "mlp-f64-gif5": dict(model="mlp", dtype="float64", method="gif", damping=2.0, block_q=64),
-    "cnn-f32-if": dict(model="cnn", dtype="float32", method="if", damping=2.0, block_q=16),
+    # the CNN's float64 reference takes ~1 min per query: errors at Q = 256 are on its first 16 columns;
+    # in float64 its convolutions run ~7× slower than in float32 on CPU (0.7 s per HVP), so Q ≤ 16
+    "cnn-f32-if": dict(model="cnn", dtype="float32", method="if", damping=2.0, reference_q=16),
     "cnn-f64-if": dict(model="cnn", dtype="float64", method="if", damping=2.0, block_q=16),
 }
 CNN_FEATURES = (64, 96)   # 57k parameters on 8×8 digits
@@ -267,23 +273,27 @@ def run_case(name, spec, quick, cache):
             mask = gifjax.selection.select(params, scores, 0.05)
         queries = (1, 16, 64) if quick else (1, 16, spec.get("block_q", 256))
         queries = tuple(sorted({q for q in queries if q <= spec.get("block_q", 256)}))
-        qmax = max(queries)
-        ex_all = (jnp.asarray(x_test[:qmax], jnp.float64), y_test[:qmax])
-        tight = (solvers.BlockCG(rtol=1e-11, max_steps=5000) if spec["method"] == "gif" else
-                 solvers.Fallback(solvers.BlockCG(rtol=1e-11, max_steps=3000, negative_curvature="continue"),
-                                  solvers.MINRES(rtol=1e-11, max_steps=1000),
+        qref = min(max(queries), spec.get("reference_q", max(queries)))   # errors on the first qref queries
+        ex_all = (jnp.asarray(x_test[:qref], jnp.float64), y_test[:qref])
+        rtol = spec.get("reference_rtol", 1e-11)
+        tight = (solvers.BlockCG(rtol=rtol, max_steps=5000) if spec["method"] == "gif" else
+                 solvers.Fallback(solvers.BlockCG(rtol=rtol, max_steps=3000, negative_curvature="continue"),
+                                  solvers.MINRES(rtol=rtol, max_steps=spec.get("reference_steps", 1000)),
                                   on=("indefinite", "max_steps", "precision", "nonfinite")))
         ref = gifjax.estimators.adjoint_solves(loss, p64, example_loss, ex_all, x64, y, method=spec["method"],
-                                               mask=mask, solver=tight, damping=damping, test_chunk_size=qmax,
+                                               mask=mask, solver=tight, damping=damping, test_chunk_size=qref,
                                                progress=False).solution
         flat = jax.vmap(lambda t: jax.flatten_util.ravel_pytree(t)[0])
         reference, ref_ok = np.asarray(flat(ref.value)), bool(jnp.all(ref.converged))
-    print(f"{name}: λ_min = {lam_min:.4g}, λ = {damping:.4g}, reference converged: {ref_ok}", flush=True)
+        ref_info = {"reference_rtol": rtol, "reference_q": qref,
+                    "reference_converged_count": int(jnp.sum(ref.converged)),
+                    "reference_backward_error": float(jnp.max(ref.backward_error))}
+    print(f"{name}: λ_min = {lam_min:.4g}, λ = {damping:.4g}, reference {ref_info}", flush=True)
     with jax.enable_x64(dtype == jnp.float64):
         return _case_table(spec, dtype, queries, mask, damping, loss, example_loss, cast(params, dtype),
                            jnp.asarray(x, dtype), y, x_test, y_test, reference, flat,
                            {"params": num_params(params), "n_hessian": len(y), "lambda_min": lam_min,
-                            "damping": damping, "reference_converged": ref_ok})
+                            "damping": damping, "reference_converged": ref_ok, **ref_info})
 
 
 def _case_table(spec, dtype, queries, mask, damping, loss, example_loss, params_d, x_d, y, x_test, y_test,
@@ -307,7 +317,8 @@ def _case_table(spec, dtype, queries, mask, damping, loss, example_loss, params_
                 seconds = median_time(run, *args, warmup=0, reps=1 if q >= 16 else 3)
             S = np.asarray(flat(sol.value), np.float64)
             entry = {"hvps_per_query": float(jnp.mean(sol.num_matvecs)), "ms_per_query": 1e3 * seconds / q,
-                     "relative_error": rel(S, reference[:q]), "converged": int(jnp.sum(sol.converged)),
+                     "relative_error": rel(S[:len(reference)], reference[:q]),
+                     "converged": int(jnp.sum(sol.converged)),
                      "max_backward_error": float(jnp.max(sol.backward_error)),
                      "failures": sorted(set(map(str, np.atleast_1d(sol.failure_names()))) - {"none"})}
             results.setdefault(solver_name, {})[str(q)] = entry
@@ -321,18 +332,19 @@ def _case_table(spec, dtype, queries, mask, damping, loss, example_loss, params_
 def cases_main(names, quick):
     """Run the named :data:`CASES`; writes results/solver_cases.{json,md} after each.
 
-    Cases of an earlier run (same ``quick``) that are not named stay in the results, each with
-    the time it was measured: the cases are separate comparisons, each within one run.
+    Cases of other runs (same ``quick``) stay in the results, each with the time it was measured:
+    the cases are separate comparisons, each within one run. The file is read again before each
+    write, so runs of different cases may go on side by side (e.g. one per core).
     """
     path = RESULTS / "solver_cases.json"
-    old = json.loads(path.read_text()) if path.exists() else {}
-    out = {k: v for k, v in old.get("cases", {}).items() if old.get("quick") == quick and k not in names}
-    cache = {}
+    mine, cache = {}, {}
     for name in names:
         t_start = time.perf_counter()
-        out[name] = run_case(name, CASES[name], quick, cache)
-        out[name].update(minutes=(time.perf_counter() - t_start) / 60, measured=time.strftime("%Y-%m-%d %H:%M"))
-        _write_cases(quick, out)
+        mine[name] = run_case(name, CASES[name], quick, cache)
+        mine[name].update(minutes=(time.perf_counter() - t_start) / 60, measured=time.strftime("%Y-%m-%d %H:%M"))
+        old = json.loads(path.read_text()) if path.exists() else {}
+        kept = old.get("cases", {}) if old.get("quick") == quick else {}
+        _write_cases(quick, {**kept, **mine})
 
 
 def _case_rows(c):
@@ -350,7 +362,11 @@ def _write_cases(quick, out):
                   f"{spec['dtype']}, {spec['method'].upper()}{gif}, λ = {spec['damping']:g}·|λ_min| = "
                   f"{c['damping']:.3g}" + ("" if c["reference_converged"] else
                                            " (the float64 reference did not converge everywhere)"),
-                  f"Measured {c.get('measured', '')} in {c.get('minutes', float('nan')):.1f} min.",
+                  f"Measured {c.get('measured', '')} in {c.get('minutes', float('nan')):.1f} min."
+                  + (f" Reference: rtol {c['reference_rtol']:g}, converged {c['reference_converged_count']}"
+                     f"/{c['reference_q']} (the errors are on these first queries), max backward error "
+                     f"{c['reference_backward_error']:.2g}." if "reference_rtol" in c else "")
+                  + (f" {c['note']}" if c.get("note") else ""),
                   table(["solver", "Q", "HVPs / query", "ms / query", "rel. error vs float64 reference",
                          "max backward error", "converged", "failures"], _case_rows(c))]
     md = "\n\n".join([
@@ -359,7 +375,8 @@ def _write_cases(quick, out):
         "(a run keeps the cases it does not name). "
         "Each solver at its dtype's default tolerance (`rtol=None`: float64 1e-10, float32 1e-4; "
         "LSTSQ/LSMR on GIF's normal residual: 1e-5 in float32); error against a float64 solve at rtol "
-        "1e-11; backward error: `Solution.backward_error` (Paige–Saunders, never optimistic). Vmapped "
+        "1e-11 (unless its case says otherwise); backward error: `Solution.backward_error` "
+        "(Paige–Saunders, never optimistic). Vmapped "
         "solvers run at Q ≤ 16 only: their HVPs per query do not depend on Q, and their time per query "
         "only grows with it (see the table above). ‘indefinite’: λ = |λ_min|/10, so H + λI has negative "
         "eigenvalues; CG stops there by design."] + parts)
