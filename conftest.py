@@ -32,6 +32,15 @@ def pytest_configure(config):
         os.environ["XLA_FLAGS"] = before
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's compiled programs after each module: every XLA:CPU executable keeps memory
+    mappings, and one process running the whole default suite reached the kernel's limit
+    (vm.max_map_count, 65,530) and crashed in a compile; modules rarely share programs."""
+    yield
+    jax.clear_caches()
+
+
 @pytest.fixture(autouse=True)
 def _doctest_namespace(doctest_namespace):
     doctest_namespace.update(jax=jax, jnp=jnp, np=np)
